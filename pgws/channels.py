@@ -1,0 +1,75 @@
+"""
+Which sockets read which channel; the first reader of a channel asks for C{LISTEN}, the last one
+leaving asks for C{UNLISTEN}.
+
+The registry knows nothing about Autobahn or txpostgres: readers are anything with C{write_frame},
+and the listener is anything with C{listen} / C{unlisten}.  A notification's frame is built once,
+whatever the number of readers, and readers are served in the order notifications are delivered
+here (the caller delivers them in PostgreSQL's order).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from pgws.frames import text_frame
+
+__all__ = ["ChannelRegistry", "Reader", "ListenTarget"]
+
+
+class Reader(Protocol):
+    def write_frame(self, frame: bytes) -> None:
+        """Queue one pre-built WebSocket frame for this reader (never blocks, never raises)."""
+
+
+class ListenTarget(Protocol):
+    def listen(self, channel: str) -> None: ...
+
+    def unlisten(self, channel: str) -> None: ...
+
+
+class ChannelRegistry:
+    def __init__(
+        self,
+        listener: ListenTarget,
+        encode_frame: Callable[[bytes], bytes] = text_frame,
+    ) -> None:
+        self._listener = listener
+        self._encode_frame = encode_frame
+        self._readers: dict[str, dict[Reader, None]] = {}
+        self.delivered = 0  # frames written, a counter for metrics and benchmarks
+
+    def add(self, channel: str, reader: Reader) -> None:
+        readers = self._readers.get(channel)
+        if readers is None:
+            readers = self._readers[channel] = {}
+            self._listener.listen(channel)
+        readers[reader] = None
+
+    def remove(self, channel: str, reader: Reader) -> None:
+        readers = self._readers.get(channel)
+        if readers is None or reader not in readers:
+            return
+        del readers[reader]
+        if not readers:
+            del self._readers[channel]
+            self._listener.unlisten(channel)
+
+    def channels(self) -> list[str]:
+        """Channels with at least one reader: exactly the ones that must be LISTENed."""
+        return list(self._readers)
+
+    def readers(self, channel: str) -> int:
+        return len(self._readers.get(channel, ()))
+
+    def deliver(self, channel: str, payload: bytes) -> int:
+        """Write one notification to every reader of C{channel}; return how many got it."""
+        readers = self._readers.get(channel)
+        if not readers:
+            return 0
+        frame = self._encode_frame(payload)
+        # A reader may leave while we write (a write can close it): iterate over a snapshot.
+        for reader in list(readers):
+            reader.write_frame(frame)
+        self.delivered += len(readers)
+        return len(readers)

@@ -1,0 +1,285 @@
+"""
+The settings: a config file, the environment and the command line, merged into one frozen L{Config}.
+
+Precedence, highest first: command line > environment (C{PGWS_<KEY>}) > config file > default.
+
+The file format is the original postgrest-ws one (C{key = "string"}, C{key = 10}, C{key = true},
+C{#} comments, dashed keys), which happens to be valid TOML, so C{tomllib} parses it and reports
+syntax errors with line numbers.  C{$(NAME)} inside a string value is replaced by the environment
+variable C{NAME} after parsing.
+
+Every problem is raised as a L{ConfigError} whose text is one line naming the key, so that
+C{twistd} start-up can print it and exit without a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pgws.channelname import ChannelNameError, check_channel_name
+
+__all__ = ["Config", "ConfigError", "SETTINGS", "Setting", "load_config", "env_names"]
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown, malformed or unreadable: the text says which and why."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key: its type, default, and the other names it answers to."""
+
+    key: str
+    kind: type
+    default: Any
+    help: str
+    aliases: tuple[str, ...] = ()
+    required: bool = False
+
+    @property
+    def attr(self) -> str:
+        return self.key.replace("-", "_")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("db-uri", str, None,
+            'PostgreSQL to relay through: a postgres:// URI, a libpq keyword string, "@path" to '
+            'read it from a file, or "embedded" to start a private server', required=True),
+    Setting("db-pool", int, 10, "connections in the NOTIFY pool", aliases=("pool-size",)),
+    Setting("server-host", str, "*4",
+            'address to listen on: "*4" all IPv4, "*6" or "*" all IPv6 (and IPv4 where the OS '
+            "maps it), or an address", aliases=("host",)),
+    Setting("server-port", int, 3000, "TCP port to listen on (0: any free port)",
+            aliases=("port",)),
+    Setting("server-root", str, None, "folder of static files served over plain HTTP",
+            aliases=("root-path",)),
+    Setting("audit-channel", str, None, "channel that receives a copy of every client message"),
+    Setting("jwt-secret", str, None,
+            'HMAC secret the tokens are signed with, or "@path" to read it from a file',
+            required=True),
+    Setting("secret-is-base64", bool, False,
+            "jwt-secret is base64 (standard or URL-safe) and is decoded first",
+            aliases=("jwt-secret-base64",)),
+    Setting("embedded-data-dir", str, None,
+            "data directory of the embedded PostgreSQL (default /var/lib/pgws/pgdata as root, "
+            "else ~/.local/share/pgws/pgdata)"),
+    Setting("embedded-port", int, 54329, "loopback port of the embedded PostgreSQL"),
+)
+
+_BY_NAME: dict[str, Setting] = {}
+for _s in SETTINGS:
+    for _name in (_s.key, *_s.aliases):
+        _BY_NAME[_name] = _s
+
+_SUBST = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    Validated settings.  Secrets are kept out of C{repr} so that a logged config never leaks them.
+    """
+
+    db_uri: str = field(repr=False)
+    jwt_secret: bytes = field(repr=False)
+    db_pool: int = 10
+    server_host: str = "*4"
+    server_port: int = 3000
+    server_root: str | None = None
+    audit_channel: str | None = None
+    secret_is_base64: bool = False
+    embedded_data_dir: str | None = None
+    embedded_port: int = 54329
+
+    @property
+    def embedded(self) -> bool:
+        return self.db_uri == "embedded"
+
+    @property
+    def listen_interface(self) -> str:
+        """The interface for C{listenTCP}: C{*4} and C{*6}/C{*} are the original's wildcards."""
+        return {"*4": "0.0.0.0", "*6": "::", "*": "::"}.get(self.server_host, self.server_host)
+
+
+def env_names(setting: Setting) -> list[str]:
+    """C{PGWS_} + upper case + dashes to underscores, for the key and each alias."""
+    return ["PGWS_" + n.upper().replace("-", "_") for n in (setting.key, *setting.aliases)]
+
+
+def _convert(setting: Setting, value: Any, source: str) -> Any:
+    """Coerce a raw value (a string from env/CLI, or a TOML value) to the setting's type."""
+    where = f'"{setting.key}" (from {source})'
+    if setting.kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+    if setting.kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    """A short, single-line rendering of a bad value (never used for secrets' contents)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _substitute(value: str, environ: Mapping[str, str], key: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in environ:
+            raise ConfigError(f'"{key}": environment variable {name} used as $({name}) is not set')
+        return environ[name]
+
+    return _SUBST.sub(repl, value)
+
+
+def read_config_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Parse the file and return C{{key: value}} with C{$(NAME)} substituted in strings."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        setting = _BY_NAME.get(key)
+        if setting is None:
+            raise ConfigError(f'config file {path}: unknown key "{key}"')
+        if isinstance(value, str):
+            value = _substitute(value, environ, key)
+        out[setting.key] = _convert(setting, value, path)
+    return out
+
+
+def _read_at_path(value: str, key: str) -> str:
+    """C{@path} values are read from a file; one trailing newline is dropped."""
+    if not value.startswith("@"):
+        return value
+    path = value[1:]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(f'"{key}": cannot read {path}: {reason}') from None
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    return text
+
+
+def decode_secret(secret: str, is_base64: bool) -> bytes:
+    """The HMAC key bytes; base64 may be the standard or the URL-safe alphabet, padded or not."""
+    if not is_base64:
+        return secret.encode("utf-8")
+    text = secret.strip()
+    padded = text + "=" * (-len(text) % 4)
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(padded.encode("ascii"))
+        return base64.b64decode(padded.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise ConfigError('"jwt-secret": secret-is-base64 is true but the secret is not base64') from None
+
+
+def load_config(
+    file: str | None,
+    environ: Mapping[str, str],
+    cli: Mapping[str, Any],
+) -> Config:
+    """
+    Merge the three sources and validate.
+
+    @param cli: values given on the command line, by key or alias (unset ones absent or None).
+    """
+    values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
+    sources: dict[str, str] = {s.key: "default" for s in SETTINGS}
+    if file is not None:
+        for key, value in read_config_file(file, environ).items():
+            values[key], sources[key] = value, file
+    for setting in SETTINGS:
+        for name in reversed(env_names(setting)):  # the canonical name wins over an alias
+            if name in environ:
+                values[setting.key] = _convert(setting, environ[name], name)
+                sources[setting.key] = name
+    for name, value in cli.items():
+        if value is None:
+            continue
+        setting = _BY_NAME.get(name)
+        if setting is None:
+            raise ConfigError(f'unknown option "--{name}"')
+        values[setting.key] = _convert(setting, value, f"--{name}")
+        sources[setting.key] = f"--{name}"
+
+    for setting in SETTINGS:
+        if setting.required and values[setting.key] in (None, ""):
+            names = " or ".join(env_names(setting)[:1])
+            raise ConfigError(
+                f'"{setting.key}" is required: set it in the config file, with '
+                f"--{setting.key}, or with {names}"
+            )
+    return _validate(values)
+
+
+def _validate(values: dict[str, Any]) -> Config:
+    checks: list[tuple[str, Callable[[Any], bool], str]] = [
+        ("db-pool", lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
+        ("server-port", lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
+        ("embedded-port", lambda v: 1 <= v <= 65535, "must be between 1 and 65535"),
+    ]
+    for key, ok, why in checks:
+        if not ok(values[key]):
+            raise ConfigError(f'"{key}": {why}, got {values[key]}')
+
+    db_uri = _read_at_path(values["db-uri"], "db-uri").strip()
+    if not db_uri:
+        raise ConfigError('"db-uri" is empty')
+    secret_text = _read_at_path(values["jwt-secret"], "jwt-secret")
+    secret = decode_secret(secret_text, values["secret-is-base64"])
+    if not secret:
+        raise ConfigError('"jwt-secret" is empty')
+
+    root = values["server-root"]
+    if root is not None and not os.path.isdir(root):
+        raise ConfigError(f'"server-root": {root} is not a directory')
+
+    audit = values["audit-channel"]
+    if audit is not None:
+        try:
+            check_channel_name(audit)
+        except ChannelNameError as e:
+            raise ConfigError(f'"audit-channel": {e}') from None
+
+    return Config(
+        db_uri=db_uri,
+        jwt_secret=secret,
+        db_pool=values["db-pool"],
+        server_host=values["server-host"],
+        server_port=values["server-port"],
+        server_root=root,
+        audit_channel=audit,
+        secret_is_base64=values["secret-is-base64"],
+        embedded_data_dir=values["embedded-data-dir"],
+        embedded_port=values["embedded-port"],
+    )

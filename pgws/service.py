@@ -1,0 +1,100 @@
+"""
+The relay as a Twisted service: it owns the LISTEN session, the NOTIFY pool, the channel registry
+and the WebSocket factory, and hands out the resource to mount.  This is what a program that
+embeds pgws uses; C{twistd -n pgws} uses it through L{pgws.tap}.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pgws.auth import TokenVerifier
+from pgws.channels import ChannelRegistry
+from pgws.config import Config
+from pgws.database import Listener, NotifyPool, describe_dsn
+from pgws.protocol import RelayFactory
+from pgws.web import RelayResource
+
+__all__ = ["Relay"]
+
+_log = Logger()
+
+
+class Relay(service.Service):
+    """
+    One relay per process: the process holds exactly one LISTEN session.
+
+    @param db_uri: overrides C{config.db_uri} (the embedded server's URI is only known later).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any = None,
+        clock: Callable[[], float] = time.time,
+        db_uri: str | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self._reactor = reactor
+        self.db_uri = db_uri or config.db_uri
+        if self.db_uri == "embedded":
+            raise ValueError("start the embedded PostgreSQL first and pass its URI as db_uri")
+        self.pool = NotifyPool(reactor, self.db_uri, config.db_pool)
+        self.registry = ChannelRegistry(self)
+        self.listener = Listener(reactor, self.db_uri, self.registry.deliver)
+        self.factory = RelayFactory(
+            verifier=TokenVerifier(config.jwt_secret, clock=clock),
+            registry=self.registry,
+            pool=self.pool,
+            audit_channel=config.audit_channel,
+            reactor=reactor,
+            clock=clock,
+        )
+        self._started: defer.Deferred[None] | None = None
+
+    # The registry asks the relay, which forwards to the listener: the listener is made in
+    # __init__ after the registry, and this keeps the registry free of txpostgres.
+    def listen(self, channel: str) -> None:
+        self.listener.listen(channel)
+
+    def unlisten(self, channel: str) -> None:
+        self.listener.unlisten(channel)
+
+    def resource(self) -> RelayResource:
+        """The C{twisted.web} resource to mount: WebSockets, plus static files if configured."""
+        return RelayResource(self.factory, self.config.server_root)
+
+    def startService(self) -> None:
+        super().startService()
+        _log.info("Relaying through PostgreSQL at {where}", where=describe_dsn(self.db_uri))
+        self._started = defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(self.listener.start()),
+             defer.Deferred.fromCoroutine(self.pool.start())],
+            consumeErrors=True,
+        )
+
+    def whenReady(self) -> defer.Deferred[None]:
+        """Fires once the first connection attempts are over (for tests and start-up order)."""
+        if self._started is None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._started.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        self.listener.stop()
+        self.pool.stop()
+        return None

@@ -1,0 +1,108 @@
+"""
+The HTTP side: one C{twisted.web} resource that takes WebSocket upgrades (any path) and serves
+static files from C{server-root} for everything else; and a C{Site} whose access log never shows
+a token.
+
+L{RelayResource} can be mounted anywhere in another program's resource tree: the WebSocket path
+is taken relative to where it is mounted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web import http, resource, server
+
+from pgws.protocol import RelayFactory
+from pgws.redact import redact_path
+
+with warnings.catch_warnings():
+    # twisted.web.static warns about a deprecated name on import.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from twisted.web import static
+
+__all__ = ["RelayResource", "make_site", "access_log_line"]
+
+
+def _is_websocket(request: server.Request) -> bool:
+    upgrade = request.getHeader(b"upgrade") or b""
+    return b"websocket" in upgrade.lower()
+
+
+class _MountedWebSocketResource(WebSocketResource):
+    """
+    Autobahn replays the request line to its protocol using C{request.uri}; pgws wants the path
+    below the mount point, so that C{/ws/<channel>/<jwt>} under a C{/ws} mount means channel and
+    token, not C{ws} and channel.
+    """
+
+    def render(self, request: server.Request) -> Any:
+        # postpath is percent-decoded by twisted.web; the raw segments are taken from the URI
+        # (decoding is pgws's job, and a decoded space would break the replayed request line).
+        path, sep, query = request.uri.partition(b"?")
+        raw = path.split(b"/")
+        count = len(request.postpath)
+        below = b"/" + b"/".join(raw[len(raw) - count:] if count else [])
+        request.uri = below + sep + query
+        return super().render(request)
+
+
+class _NotFound(resource.Resource):
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"not found\n"
+
+
+class _StaticFiles(static.File):
+    """Files below the root only; no directory listings; plain-text 404s."""
+
+    childNotFound = _NotFound()
+    forbidden = _NotFound()
+
+    def directoryListing(self) -> resource.Resource:
+        return self.childNotFound
+
+
+class RelayResource(resource.Resource):
+    """WebSocket upgrades go to pgws; other requests get static files (or 404)."""
+
+    def __init__(self, factory: RelayFactory, static_root: str | None = None) -> None:
+        super().__init__()
+        self._websocket = _MountedWebSocketResource(factory)
+        self._static: resource.Resource = (
+            _StaticFiles(static_root) if static_root else _NotFound()
+        )
+
+    def getChildWithDefault(self, name: bytes, request: server.Request) -> resource.Resource:
+        if _is_websocket(request):
+            # Everything from here down is the WebSocket path.
+            request.postpath.insert(0, request.prepath.pop())
+            return self._websocket
+        return self._static.getChildWithDefault(name, request)
+
+    def render(self, request: server.Request) -> Any:
+        if _is_websocket(request):
+            return self._websocket.render(request)
+        return self._static.render(request)
+
+
+def access_log_line(timestamp: str, request: server.Request) -> str:
+    """An access-log line with the path's token-like parts hidden and no query string."""
+    addr = request.getClientAddress()
+    host = getattr(addr, "host", "-")
+    method = request.method.decode("latin-1", "replace")
+    path = redact_path(request.uri.decode("latin-1", "replace"))
+    return f'{host} - - {timestamp} "{method} {path}" {request.code} {request.sentLength or "-"}'
+
+
+def make_site(root: resource.Resource, **kwargs: Any) -> server.Site:
+    site = server.Site(root, logFormatter=access_log_line, **kwargs)
+    return site
+
+
+__all__ += ["http"]  # re-exported for callers that build responses (status names)

@@ -1,0 +1,220 @@
+"""
+Test helpers: real WebSocket clients (Autobahn over loopback), raw HTTP handshakes for refusals,
+token minting, a pgws server started in-process on a free port, and outside database access.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+import psycopg2
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from pgws.config import load_config
+from pgws.service import Relay
+from pgws.web import make_site
+
+SECRET = "reallyreallyreallyreallyverysafe"
+TIMEOUT = 10.0
+
+
+def token(claims: dict[str, Any], secret: str = SECRET, alg: str = "HS256") -> str:
+    return jwt.encode(claims, secret, algorithm=alg)
+
+
+def wait(d: defer.Deferred[Any], timeout: float = TIMEOUT) -> defer.Deferred[Any]:
+    """Every wait in the suite is bounded: a hang fails the test instead of the run."""
+    return d.addTimeout(timeout, reactor)
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class _ClientProtocol(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.factory.client._opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.client.messages.put(payload.decode("utf-8") if not isBinary else payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.client._closed(code, reason)
+
+
+@dataclass
+class Client:
+    """A WebSocket client: C{messages} is a queue of received texts; C{closed} fires (code, reason)."""
+
+    messages: defer.DeferredQueue[Any] = field(default_factory=defer.DeferredQueue)
+    opened: defer.Deferred[Any] = field(default_factory=defer.Deferred)
+    closed: defer.Deferred[tuple[int | None, str | None]] = field(default_factory=defer.Deferred)
+    proto: _ClientProtocol | None = None
+
+    def _opened(self, proto: _ClientProtocol) -> None:
+        self.proto = proto
+        self.opened.callback(self)
+
+    def _closed(self, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"handshake failed: {code} {reason}"))
+        if not self.closed.called:
+            self.closed.callback((code, reason))
+
+    def send(self, text: str) -> None:
+        assert self.proto is not None
+        self.proto.sendMessage(text.encode("utf-8"), isBinary=False)
+
+    def send_binary(self, data: bytes) -> None:
+        assert self.proto is not None
+        self.proto.sendMessage(data, isBinary=True)
+
+    async def next(self, timeout: float = TIMEOUT) -> Any:
+        return await wait(self.messages.get(), timeout)
+
+    async def next_json(self, timeout: float = TIMEOUT) -> Any:
+        return json.loads(await self.next(timeout))
+
+    async def nothing_for(self, seconds: float) -> None:
+        """Assert that no message arrives within C{seconds}."""
+        await sleep(seconds)
+        assert not self.messages.pending, f"unexpected messages: {self.messages.pending!r}"
+
+    def close(self) -> None:
+        if self.proto is not None:
+            self.proto.sendClose(1000)
+
+
+async def ws_connect(port: int, path: str, headers: dict[str, str] | None = None) -> Client:
+    """Open a WebSocket to 127.0.0.1:port + path and wait until it is open."""
+    client = Client()
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", headers=headers or {})
+    factory.protocol = _ClientProtocol
+    factory.client = client  # type: ignore[attr-defined]
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    await wait(endpoint.connect(factory))
+    await wait(client.opened)
+    return client
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8")
+
+
+class _Raw(protocol.Protocol):
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done.callback(self.data)
+
+
+async def http_request(port: int, raw: bytes) -> HttpResponse:
+    """Send raw bytes, read until the server closes, parse the response."""
+    proto = _Raw(raw)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    await wait(endpoint.connect(protocol.Factory.forProtocol(lambda: proto)))
+    data = await wait(proto.done)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return HttpResponse(status, headers, body)
+
+
+def upgrade_request(path: str, extra: str = "") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}Connection: close\r\n\r\n"
+    ).encode("utf-8")
+
+
+async def handshake(port: int, path: str) -> HttpResponse:
+    """A WebSocket upgrade request whose answer is read raw (to see refusals' status and body)."""
+    return await http_request(port, upgrade_request(path))
+
+
+@dataclass
+class Server:
+    relay: Relay
+    port: int
+    listening: Any
+
+    async def stop(self) -> None:
+        await self.listening.stopListening()
+        self.relay.stopService()
+
+    async def listening_channels(self) -> list[str]:
+        return sorted(await self.relay.listener.listening_channels())
+
+
+async def start_server(db_uri: str, **settings: Any) -> Server:
+    cli = {"db-uri": db_uri, "jwt-secret": SECRET, "server-port": 0}
+    cli.update({k.replace("_", "-"): v for k, v in settings.items()})
+    config = load_config(None, {}, {k: v for k, v in cli.items() if v is not None})
+    relay = Relay(config, reactor=reactor)
+    relay.startService()
+    await wait(relay.whenReady())
+    listening = reactor.listenTCP(0, make_site(relay.resource()), interface="127.0.0.1")
+    return Server(relay, listening.getHost().port, listening)
+
+
+class Db:
+    """Outside access to PostgreSQL, as another application would have it."""
+
+    def __init__(self, uri: str) -> None:
+        self.conn = psycopg2.connect(uri)
+        self.conn.autocommit = True
+
+    def execute(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else []
+
+    def notify(self, channel: str, payload: str) -> None:
+        self.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+    def listen(self, channel: str) -> None:
+        self.execute(f'LISTEN "{channel}"')
+
+    async def received(self, count: int, timeout: float = TIMEOUT) -> list[tuple[str, str]]:
+        """Wait (letting the reactor run) until C{count} notifications arrived, or the timeout."""
+        got: list[tuple[str, str]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            await sleep(0.02)
+            self.conn.poll()
+            while self.conn.notifies:
+                n = self.conn.notifies.pop(0)
+                got.append((n.channel, n.payload))
+        return got
+
+    def close(self) -> None:
+        self.conn.close()

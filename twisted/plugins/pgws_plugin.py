@@ -1,0 +1,5 @@
+"""twistd finds pgws here: C{twistd -n pgws --config sample.conf}."""
+
+from twisted.application.service import ServiceMaker
+
+pgws = ServiceMaker("pgws", "pgws.tap", "WebSocket <-> PostgreSQL LISTEN/NOTIFY relay", "pgws")
