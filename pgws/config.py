@@ -114,9 +114,15 @@ def env_names(setting: Setting) -> list[str]:
     return ["PGWS_" + n.upper().replace("-", "_") for n in (setting.key, *setting.aliases)]
 
 
-def _convert(setting: Setting, value: Any, source: str) -> Any:
-    """Coerce a raw value (a string from env/CLI, or a TOML value) to the setting's type."""
+def _convert(setting: Setting, value: Any, source: str, typed: bool = False) -> Any:
+    """
+    Coerce a value to the setting's type.  Environment and command-line values are always
+    strings; a config file has types of its own (C{typed}), so C{db-pool = "3"} is an error there.
+    """
     where = f'"{setting.key}" (from {source})'
+    if typed and not isinstance(value, setting.kind):
+        expected = {bool: "true or false", int: "an integer", str: "a string"}[setting.kind]
+        raise ConfigError(f"{where}: expected {expected}, got {_show(value)}")
     if setting.kind is bool:
         if isinstance(value, bool):
             return value
@@ -168,7 +174,7 @@ def read_config_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
             raise ConfigError(f'config file {path}: unknown key "{key}"')
         if isinstance(value, str):
             value = _substitute(value, environ, key)
-        out[setting.key] = _convert(setting, value, path)
+        out[setting.key] = _convert(setting, value, path, typed=True)
     return out
 
 
