@@ -1,0 +1,147 @@
+"""
+How C{twistd -n pgws} starts pgws: command-line options, and L{makeService}.
+
+A configuration problem is one line on standard error and exit status 2, never a traceback (twistd
+would otherwise print its whole usage text, or a traceback, for an error in one setting).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python import usage
+
+from pgws.config import SETTINGS, Config, ConfigError, env_names, load_config
+from pgws.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from pgws.service import Relay
+from pgws.web import make_site
+
+__all__ = ["Options", "makeService"]
+
+_log = Logger()
+
+EXIT_CONFIG = 2
+EXIT_START = 1
+
+
+def _fail(message: str, status: int) -> None:
+    # The real stderr: twistd's logging replaces sys.stderr once it has started.
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"pgws: {message}\n")
+    stream.flush()
+    if sys.stderr is not stream:
+        _log.critical("{message}", message=message)
+    raise SystemExit(status)
+
+
+def _option_rows() -> list[list[Any]]:
+    rows: list[list[Any]] = [["config", "c", None, "config file (key = value lines)"]]
+    for s in SETTINGS:
+        envs = ", ".join(env_names(s))
+        rows.append([s.key, None, None, f"{s.help} [default: {s.default}] (env: {envs})"])
+        for alias in s.aliases:
+            rows.append([alias, None, None, f"same as --{s.key}"])
+    return rows
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--KEY VALUE ...]"
+    longdesc = (
+        "WebSocket <-> PostgreSQL LISTEN/NOTIFY relay with JWT-authorised channels. Every "
+        "setting may come from the config file, a PGWS_* environment variable or the command "
+        "line (highest precedence)."
+    )
+    optParameters = _option_rows()
+
+    config: Config
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+
+    def postOptions(self) -> None:
+        cli = {k: v for k, v in self.items() if k != "config" and v is not None}
+        try:
+            self.config = load_config(self["config"], self._environ, cli)
+        except ConfigError as e:
+            _fail(str(e), EXIT_CONFIG)
+        if len(self.config.jwt_secret) < 32:
+            warnings.warn("jwt-secret is shorter than 32 bytes: HMAC keys that short are weak",
+                          stacklevel=1)
+
+
+class _EmbeddedPostgresService(service.Service):
+    """Starts the private PostgreSQL before anything connects to it, and stops it last."""
+
+    def __init__(self, launcher: EmbeddedPostgres) -> None:
+        self.launcher = launcher
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        _log.info("Starting the embedded PostgreSQL")
+        try:
+            uri = self.launcher.start()
+        except EmbeddedPostgresError as e:
+            _fail(f"embedded PostgreSQL did not start: {e}", EXIT_START)
+        _log.info("Embedded PostgreSQL ready at {uri}", uri=uri)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.launcher.stop()
+
+
+class _ListeningService(service.Service):
+    """Binds the port before the reactor runs, so a taken port is a clean start-up failure."""
+
+    def __init__(self, reactor: Any, config: Config, site: Any) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._site = site
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            self.port = self._reactor.listenTCP(
+                self._config.server_port, self._site, interface=self._config.listen_interface
+            )
+        except CannotListenError as e:
+            _fail(f'"server-port": cannot listen on {self._config.server_host} port '
+                  f"{self._config.server_port}: {e.socketError}", EXIT_START)
+        _log.info("Listening on port {port}", port=self.port.getHost().port)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    """The whole server: [embedded PostgreSQL], the relay, the listening port."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config = options.config
+    top = service.MultiService()
+    db_uri = config.db_uri
+    if config.embedded:
+        from pathlib import Path
+
+        launcher = EmbeddedPostgres(
+            data_dir=Path(config.embedded_data_dir) if config.embedded_data_dir else None,
+            port=config.embedded_port,
+        )
+        _EmbeddedPostgresService(launcher).setServiceParent(top)
+        db_uri = launcher.uri
+    relay = Relay(config, reactor=reactor, db_uri=db_uri)
+    relay.setServiceParent(top)
+    _ListeningService(reactor, config, make_site(relay.resource())).setServiceParent(top)
+    return top
