@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 
 from pgws.protocol import RelayFactory
 from pgws.redact import redact_path
@@ -58,11 +58,14 @@ class _NotFound(resource.Resource):
         return b"not found\n"
 
 
+_NOT_FOUND = _NotFound()
+
+
 class _StaticFiles(static.File):
     """Files below the root only; no directory listings; plain-text 404s."""
 
-    childNotFound = _NotFound()
-    forbidden = _NotFound()
+    childNotFound = _NOT_FOUND
+    forbidden = _NOT_FOUND
 
     def directoryListing(self) -> resource.Resource:
         return self.childNotFound
@@ -74,21 +77,21 @@ class RelayResource(resource.Resource):
     def __init__(self, factory: RelayFactory, static_root: str | None = None) -> None:
         super().__init__()
         self._websocket = _MountedWebSocketResource(factory)
-        self._static: resource.Resource = (
-            _StaticFiles(static_root) if static_root else _NotFound()
-        )
+        self._static: resource.Resource | None = _StaticFiles(static_root) if static_root else None
 
     def getChildWithDefault(self, name: bytes, request: server.Request) -> resource.Resource:
         if _is_websocket(request):
             # Everything from here down is the WebSocket path.
             request.postpath.insert(0, request.prepath.pop())
             return self._websocket
+        if self._static is None:
+            return _NOT_FOUND
         return self._static.getChildWithDefault(name, request)
 
     def render(self, request: server.Request) -> Any:
         if _is_websocket(request):
             return self._websocket.render(request)
-        return self._static.render(request)
+        return (self._static or _NOT_FOUND).render(request)
 
 
 def access_log_line(timestamp: str, request: server.Request) -> str:
@@ -104,5 +107,3 @@ def make_site(root: resource.Resource, **kwargs: Any) -> server.Site:
     site = server.Site(root, logFormatter=access_log_line, **kwargs)
     return site
 
-
-__all__ += ["http"]  # re-exported for callers that build responses (status names)
