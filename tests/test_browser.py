@@ -1,0 +1,203 @@
+"""
+The example page (client-example/) in a real headless Chromium, served by pgws itself: two pages
+chat through PostgreSQL, the audit pane shows the copy, and a NOTIFY from the database appears
+as raw text.
+
+The server runs on the Twisted reactor of the test process, so the browser (Playwright's sync
+API) runs in a worker thread (``deferToThread``); the thread calls back into the reactor only
+through ``blockingCallFromThread``. Every wait is bounded.
+
+Chromium is Debian's /usr/bin/chromium (Playwright cannot download its own build here). The
+project's test set-up installs it, so a missing browser fails the tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, threads
+
+from support import Db, start_server, wait
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+CLIENT_EXAMPLE = Path(__file__).resolve().parent.parent / "client-example"
+UI_TIMEOUT_MS = 15_000  # every Playwright wait and action
+SESSION_TIMEOUT = 90.0  # the whole browser session, launch to close
+OPEN = re.compile(r"\bopen\b")  # app.js: the status says "open" exactly when the socket is open
+
+
+@pytest_twisted.async_yield_fixture
+async def server(db_uri):
+    assert (CLIENT_EXAMPLE / "index.html").is_file(), f"no example page in {CLIENT_EXAMPLE}"
+    s = await start_server(db_uri, server_root=str(CLIENT_EXAMPLE), audit_channel="audit")
+    yield s
+    await s.stop()
+
+
+def _require_chromium() -> None:
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: the browser tests need Debian's chromium package "
+            "(apt-get install chromium), which the project's test set-up is meant to install",
+            pytrace=False,
+        )
+
+
+async def in_browser(session: Callable[[Any], None]) -> None:
+    """Run C{session(browser)} in a worker thread with a fresh headless Chromium."""
+    _require_chromium()
+
+    def run() -> None:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=UI_TIMEOUT_MS
+            )
+            try:
+                session(browser)
+            finally:
+                browser.close()
+
+    await wait(threads.deferToThread(run), SESSION_TIMEOUT)
+
+
+def from_thread(coro_fn: Callable[[], Any]) -> Any:
+    """In the browser thread: run an async function on the reactor and wait for its result."""
+    return threads.blockingCallFromThread(reactor, lambda: defer.ensureDeferred(coro_fn()))
+
+
+def wait_listening(server, *channels: str) -> None:
+    """In the browser thread: wait (bounded) until pgws's LISTEN session has all C{channels}."""
+    deadline = time.monotonic() + 10
+    while True:
+        listening = from_thread(server.listening_channels)
+        if set(channels) <= set(listening):
+            return
+        assert time.monotonic() < deadline, f"pgws LISTENs to {listening}, not all of {channels}"
+        time.sleep(0.05)
+
+
+class PageWatch:
+    """Collects what should never happen on the page: script errors and failed HTTP requests."""
+
+    def __init__(self, page: Any) -> None:
+        self.errors: list[str] = []
+        page.on("pageerror", lambda exc: self.errors.append(f"script error: {exc}"))
+        page.on(
+            "response",
+            lambda r: r.status >= 400 and self.errors.append(f"HTTP {r.status} for {r.url}"),
+        )
+        page.on("requestfailed", lambda r: self.errors.append(f"request failed: {r.url}"))
+
+    def check(self) -> None:
+        assert self.errors == []
+
+
+def open_chat(page: Any, port: int, channel: str, token_choice: str = "rw") -> PageWatch:
+    """Load the example page, connect the chat pane to C{channel}, wait until both panes are open."""
+    from playwright.sync_api import expect
+
+    watch = PageWatch(page)
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    page.goto(f"http://127.0.0.1:{port}/")
+    page.fill("#channel", channel)
+    page.select_option("#token-choice", token_choice)
+    assert not OPEN.search(page.text_content("#status") or "")
+    page.click("#connect")
+    expect(page.locator("#status")).to_have_text(OPEN, timeout=UI_TIMEOUT_MS)
+    expect(page.locator("#audit-status")).to_have_text(OPEN, timeout=UI_TIMEOUT_MS)
+    return watch
+
+
+def entries(page: Any, list_id: str, text: str) -> Any:
+    """The <li> items of list C{list_id} whose payload is exactly C{text}."""
+    return page.locator(f"#{list_id} li").filter(
+        has=page.locator(".payload", has_text=re.compile("^" + re.escape(text) + "$"))
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_pages_chat_and_audit_pane_shows_the_copy(server):
+    channel = "chat-browser"
+    text = "hello from page A: ünïcødé ✓ <b>not bold</b>"
+
+    def session(browser: Any) -> None:
+        from playwright.sync_api import expect
+
+        # Two contexts (like two users' windows), so that neither page is a hidden background
+        # tab, which Chromium throttles (a second tab in one context made this test ~2 s slower).
+        context_a, context_b = browser.new_context(), browser.new_context()
+        a, b = context_a.new_page(), context_b.new_page()
+        watch_a = open_chat(a, server.port, channel)
+        watch_b = open_chat(b, server.port, channel)
+        # The pages' sockets are open; pgws's LISTENs follow asynchronously.
+        wait_listening(server, channel, "audit")
+
+        a.fill("#message", text)
+        a.click("#send")
+
+        for page in (b, a):  # page B gets it; page A (rw) gets its own echo
+            got = entries(page, "messages", text)
+            expect(got).to_have_count(1, timeout=UI_TIMEOUT_MS)
+            expect(got).to_have_class(re.compile(r"\benvelope\b"))
+            expect(got.locator(".tag.channel")).to_have_text(f"#{channel}")
+            expect(got.locator(".tag.mode")).to_have_text("mode rw")
+            # Each page's audit pane (read-only socket on "audit") shows the copy.
+            copy = entries(page, "audit-messages", text)
+            expect(copy).to_have_count(1, timeout=UI_TIMEOUT_MS)
+            expect(copy.locator(".tag.channel")).to_have_text(f"#{channel}")
+        # Put in with textContent: the markup in the payload stayed text.
+        assert b.locator("#messages b").count() == 0
+        for page in (a, b):
+            expect(page.locator("#messages li")).to_have_count(1)
+            expect(page.locator("#audit-messages li")).to_have_count(1)
+        watch_a.check()
+        watch_b.check()
+        context_a.close()
+        context_b.close()
+
+    await in_browser(session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_notify_shows_as_raw_text(server, db_uri):
+    channel = "notify-browser"
+    text = 'from psql: not JSON, "quoted" ✓ {'
+
+    def session(browser: Any) -> None:
+        from playwright.sync_api import expect
+
+        page = browser.new_page()
+        watch = open_chat(page, server.port, channel, token_choice="r")
+        wait_listening(server, channel)
+
+        db = Db(db_uri)
+        try:
+            db.notify(channel, text)
+        finally:
+            db.close()
+
+        got = entries(page, "messages", text)
+        expect(got).to_have_count(1, timeout=UI_TIMEOUT_MS)
+        expect(got).to_have_class(re.compile(r"\braw\b"))
+        expect(got.locator(".tag.rawtag")).to_have_text("raw")
+        watch.check()
+        page.close()
+
+    await in_browser(session)
