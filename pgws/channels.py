@@ -10,7 +10,10 @@ here (the caller delivers them in PostgreSQL's order).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Iterable
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred, gatherResults
 
 from pgws.frames import text_frame
 
@@ -26,6 +29,9 @@ class ListenTarget(Protocol):
     def listen(self, channel: str) -> None: ...
 
     def unlisten(self, channel: str) -> None: ...
+
+    def ready(self, channel: str) -> Deferred[None]:
+        """Fires once PostgreSQL has executed the LISTEN for C{channel}; never fails."""
 
 
 class ChannelRegistry:
@@ -54,6 +60,10 @@ class ChannelRegistry:
         if not readers:
             del self._readers[channel]
             self._listener.unlisten(channel)
+
+    def ready(self, channels: Iterable[str]) -> Deferred[Any]:
+        """Fires once every one of C{channels} is LISTENed (for opening a socket only then)."""
+        return gatherResults([self._listener.ready(c) for c in channels])
 
     def channels(self) -> list[str]:
         """Channels with at least one reader: exactly the ones that must be LISTENed."""

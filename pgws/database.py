@@ -149,6 +149,7 @@ class Listener:
         self._dsn = dsn
         self._deliver = deliver
         self._wanted: set[str] = set()
+        self._inflight: dict[str, defer.Deferred[None]] = {}
         self._backlog: collections.deque[tuple[str, str]] = collections.deque()
         self._draining = False
         self._detector = DeadConnectionDetector(reconnectionIterator=_backoff, reactor=reactor)
@@ -188,23 +189,48 @@ class Listener:
     async def _recovered(self) -> None:
         self.connected = True
         self._conn.resumeReading()
-        for channel in sorted(self._wanted):
-            await self._run(f"LISTEN {quote_ident(channel)}")
-        _log.info("LISTEN session ready ({n} channels)", n=len(self._wanted))
+        channels = sorted(self._wanted)
+        # Many channels are re-LISTENed in a few statements, not one round trip each.
+        for start in range(0, len(channels), 1000):
+            chunk = channels[start:start + 1000]
+            await self._run("; ".join(f"LISTEN {quote_ident(c)}" for c in chunk))
+        _log.info("LISTEN session ready ({n} channels)", n=len(channels))
 
     def listen(self, channel: str) -> None:
         self._wanted.add(channel)
         if self.connected:
-            self._command(f"LISTEN {quote_ident(channel)}")
+            d = self._command(f"LISTEN {quote_ident(channel)}")
+            self._inflight[channel] = d
+            d.addBoth(self._landed, channel, d)
+
+    def _landed(self, result: Any, channel: str, d: defer.Deferred[None]) -> Any:
+        if self._inflight.get(channel) is d:
+            del self._inflight[channel]
+        return result
+
+    def ready(self, channel: str) -> defer.Deferred[None]:
+        """
+        Fires once the latest C{LISTEN} asked for C{channel} has been executed, so that a socket
+        opened after it misses nothing sent after it opened.  Never fails: with the session down,
+        it fires at once (reconnection re-LISTENs later).
+        """
+        inflight = self._inflight.get(channel)
+        d: defer.Deferred[None] = defer.Deferred()
+        if inflight is None:
+            d.callback(None)
+        else:
+            inflight.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
 
     def unlisten(self, channel: str) -> None:
         self._wanted.discard(channel)
         if self.connected:
             self._command(f"UNLISTEN {quote_ident(channel)}")
 
-    def _command(self, sql: str) -> None:
+    def _command(self, sql: str) -> defer.Deferred[None]:
         d = defer.Deferred.fromCoroutine(self._run(sql))
         d.addErrback(lambda f: _log.failure("LISTEN session command failed", f))
+        return d
 
     async def _run(self, sql: str) -> None:
         try:

@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from pgws.auth import Grant, Refusal, TokenVerifier, authorize, split_path
@@ -75,15 +76,24 @@ class RelayProtocol(WebSocketServerProtocol):
 
     # -- opening handshake ---------------------------------------------------------------------
 
-    def onConnect(self, request: ConnectionRequest) -> None:
+    def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:
         try:
             # The raw request URI: Autobahn's parsed path reads "//x" as a host name.
-            self.grant = self.factory.grant_for(self.http_request_uri)
+            grant = self.grant = self.factory.grant_for(self.http_request_uri)
         except Refusal as refusal:
             _log.info("refused WebSocket from {peer}: {status} {reason}", peer=self.peer,
                       status=refusal.status, reason=redact(refusal.reason))
             raise ConnectionDeny(refusal.status, refusal.reason) from None
-        return None
+        if not grant.can_read:
+            return None
+        # Join the channels now and answer 101 only once PostgreSQL has executed the LISTEN:
+        # a client may rely on receiving whatever is notified after its socket opened.
+        # write_frame() drops frames until the socket is open, so none precedes the 101.
+        self._reading = True
+        registry = self.factory.registry
+        for channel in grant.channels:
+            registry.add(channel, self)
+        return registry.ready(grant.channels).addCallback(lambda _: None)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """
@@ -112,11 +122,6 @@ class RelayProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         grant = self.grant
         assert grant is not None
-        # Readers join only now: a frame written before the 101 response would corrupt it.
-        if grant.can_read:
-            self._reading = True
-            for channel in grant.channels:
-                self.factory.registry.add(channel, self)
         if grant.can_write:
             self._envelopes = EnvelopeEncoder(grant.claims)
             self._outbox = self.factory.outbox(self._database_failed)

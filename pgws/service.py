@@ -69,6 +69,9 @@ class Relay(service.Service):
     def unlisten(self, channel: str) -> None:
         self.listener.unlisten(channel)
 
+    def ready(self, channel: str) -> defer.Deferred[None]:
+        return self.listener.ready(channel)
+
     def resource(self) -> RelayResource:
         """The C{twisted.web} resource to mount: WebSockets, plus static files if configured."""
         return RelayResource(self.factory, self.config.server_root)

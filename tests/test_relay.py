@@ -310,3 +310,36 @@ async def test_listen_session_killed_comes_back_with_its_channels(server, db: Db
     else:
         pytest.fail("the LISTEN session did not come back")
     assert reader.closed.called is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_notification_right_after_open_is_received(server, db: Db):
+    # The 101 answer waits for LISTEN, so nothing sent after the socket opened is missed.
+    for i in range(5):
+        reader = await ws_connect(server.port, f"/fresh{i}/" + token({"mode": "r"}))
+        db.notify(f"fresh{i}", "first")
+        assert await reader.next() == "first"
+        reader.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_abandoned_midway_leaves_no_reader(server):
+    from twisted.internet import protocol, reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    from support import upgrade_request
+
+    class SendAndLeave(protocol.Protocol):
+        def connectionMade(self):
+            self.transport.write(upgrade_request("/gone/" + token({"mode": "r"})))
+            self.transport.loseConnection()
+
+    # The client sends its upgrade and is gone before reading the answer.
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
+    await wait(endpoint.connect(protocol.Factory.forProtocol(SendAndLeave)))
+    await sleep(0.2)
+    deadline = time.monotonic() + 10
+    while server.relay.registry.readers("gone") and time.monotonic() < deadline:
+        await sleep(0.05)
+    assert server.relay.registry.readers("gone") == 0
+    assert "gone" not in await until_listening(server, "gone", present=False)
