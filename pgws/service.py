@@ -30,6 +30,8 @@ class Relay(service.Service):
     One relay per process: the process holds exactly one LISTEN session.
 
     @param db_uri: overrides C{config.db_uri} (the embedded server's URI is only known later).
+    @param ping_interval: seconds between the server's pings; a peer that has not answered one
+        within C{ping_timeout} seconds is dropped.
     """
 
     def __init__(
@@ -38,6 +40,8 @@ class Relay(service.Service):
         reactor: Any = None,
         clock: Callable[[], float] = time.time,
         db_uri: str | None = None,
+        ping_interval: float = 30,
+        ping_timeout: float = 10,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -58,6 +62,8 @@ class Relay(service.Service):
             audit_channel=config.audit_channel,
             reactor=reactor,
             clock=clock,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
         )
         self._started: defer.Deferred[None] | None = None
 

@@ -175,11 +175,12 @@ class Server:
         return sorted(await self.relay.listener.listening_channels())
 
 
-async def start_server(db_uri: str, **settings: Any) -> Server:
+async def start_server(db_uri: str, relay_options: dict[str, Any] | None = None,
+                       **settings: Any) -> Server:
     cli = {"db-uri": db_uri, "jwt-secret": SECRET, "server-port": 0}
     cli.update({k.replace("_", "-"): v for k, v in settings.items()})
     config = load_config(None, {}, {k: v for k, v in cli.items() if v is not None})
-    relay = Relay(config, reactor=reactor)
+    relay = Relay(config, reactor=reactor, **(relay_options or {}))
     relay.startService()
     await wait(relay.whenReady())
     listening = reactor.listenTCP(0, make_site(relay.resource()), interface="127.0.0.1")

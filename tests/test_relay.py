@@ -9,6 +9,7 @@ import urllib.parse
 import psycopg2.extensions
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from support import Db, sleep, start_server, token, wait, ws_connect
 
@@ -343,3 +344,41 @@ async def test_handshake_abandoned_midway_leaves_no_reader(server):
         await sleep(0.05)
     assert server.relay.registry.readers("gone") == 0
     assert "gone" not in await until_listening(server, "gone", present=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_that_does_not_answer_pings_is_dropped(db_uri):
+    from twisted.internet import protocol, reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    from support import upgrade_request
+
+    class Mute(protocol.Protocol):
+        """Completes the handshake, then never answers anything."""
+
+        def __init__(self):
+            self.data = b""
+            self.lost = defer.Deferred()
+
+        def connectionMade(self):
+            self.transport.write(upgrade_request("/mute/" + token({"mode": "r"})).replace(
+                b"Connection: close\r\n", b""))
+
+        def dataReceived(self, data):
+            self.data += data
+
+        def connectionLost(self, reason):
+            self.lost.callback(None)
+
+    server = await start_server(db_uri, relay_options={"ping_interval": 0.5, "ping_timeout": 1})
+    try:
+        polite = await ws_connect(server.port, "/mute/" + token({"mode": "r"}))  # answers pings
+        mute = Mute()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
+        await wait(endpoint.connect(protocol.Factory.forProtocol(lambda: mute)))
+        await wait(mute.lost, timeout=5)
+        assert mute.data.startswith(b"HTTP/1.1 101")
+        assert b"\x89" in mute.data  # a ping frame was sent before the drop
+        assert not polite.closed.called
+    finally:
+        await server.stop()
