@@ -30,6 +30,7 @@ setup(
             "pytest-twisted==1.14.3",
             "hypothesis==6.155.2",
             "playwright==1.65.2",
+            "ruff==0.17.6",
         ],
     },
 )

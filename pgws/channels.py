@@ -11,7 +11,8 @@ here (the caller delivers them in PostgreSQL's order).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 

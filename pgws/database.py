@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import psycopg2
 from psycopg2.extensions import parse_dsn

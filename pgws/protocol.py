@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import time
 from http.client import responses
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest

@@ -7,7 +7,8 @@ embeds pgws uses; C{twistd -n pgws} uses it through L{pgws.tap}.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from twisted.application import service
 from twisted.internet import defer

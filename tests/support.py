@@ -153,7 +153,7 @@ def upgrade_request(path: str, extra: str = "") -> bytes:
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         f"Sec-WebSocket-Version: 13\r\n{extra}Connection: close\r\n\r\n"
-    ).encode("utf-8")
+    ).encode()
 
 
 async def handshake(port: int, path: str) -> HttpResponse:

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 
 from support import SECRET, http_request, sleep, token, ws_connect
