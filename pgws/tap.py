@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Any
 
 from twisted.application import service
@@ -71,9 +70,6 @@ class Options(usage.Options):
             self.config = load_config(self["config"], self._environ, cli)
         except ConfigError as e:
             _fail(str(e), EXIT_CONFIG)
-        if len(self.config.jwt_secret) < 32:
-            warnings.warn("jwt-secret is shorter than 32 bytes: HMAC keys that short are weak",
-                          stacklevel=1)
 
 
 class _EmbeddedPostgresService(service.Service):
