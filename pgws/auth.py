@@ -103,10 +103,17 @@ class TokenVerifier:
         self._secret = secret
         self._clock = clock
 
+    @classmethod
+    def from_config(cls, config: Any, reactor: Any = None, clock: Callable[[], float] = time.time,
+                    https_policy: Any = None) -> TokenVerifier:
+        """The verifier the configuration asks for (the keys, audience, issuer and leeway)."""
+        assert config.jwt_secret is not None
+        return cls(config.jwt_secret, clock=clock)
+
     def __repr__(self) -> str:
         return "<TokenVerifier>"
 
-    def claims(self, token: str) -> dict[str, Any]:
+    async def claims(self, token: str) -> dict[str, Any]:
         """The verified claims, or a 401 L{Refusal}."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Refusal(401, f"JWT is longer than {MAX_TOKEN_BYTES} bytes")

@@ -77,16 +77,19 @@ class RelayProtocol(WebSocketServerProtocol):
 
     # -- opening handshake ---------------------------------------------------------------------
 
-    def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:
+    def onConnect(self, request: ConnectionRequest) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._connect())
+
+    async def _connect(self) -> None:
         try:
             # The raw request URI: Autobahn's parsed path reads "//x" as a host name.
-            grant = self.grant = self.factory.grant_for(self.http_request_uri)
+            grant = self.grant = await self.factory.grant_for(self.http_request_uri)
         except Refusal as refusal:
             _log.info("refused WebSocket from {peer}: {status} {reason}", peer=self.peer,
                       status=refusal.status, reason=redact(refusal.reason))
             raise ConnectionDeny(refusal.status, refusal.reason) from None
         if not grant.can_read:
-            return None
+            return
         # Join the channels now and answer 101 only once PostgreSQL has executed the LISTEN:
         # a client may rely on receiving whatever is notified after its socket opened.
         # write_frame() drops frames until the socket is open, so none precedes the 101.
@@ -94,7 +97,7 @@ class RelayProtocol(WebSocketServerProtocol):
         registry = self.factory.registry
         for channel in grant.channels:
             registry.add(channel, self)
-        return registry.ready(grant.channels).addCallback(lambda _: None)
+        await registry.ready(grant.channels)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """
@@ -221,9 +224,9 @@ class RelayFactory(WebSocketServerFactory):
             maxMessagePayloadSize=64 * 1024,
         )
 
-    def grant_for(self, path: str) -> Grant:
+    async def grant_for(self, path: str) -> Grant:
         channel, token = split_path(path)
-        return authorize(self.verifier.claims(token), channel)
+        return authorize(await self.verifier.claims(token), channel)
 
     def outbox(self, on_error: Callable[[str], None]) -> Outbox:
         return Outbox(self.pool, on_error)

@@ -31,6 +31,8 @@ class Relay(service.Service):
     One relay per process: the process holds exactly one LISTEN session.
 
     @param db_uri: overrides C{config.db_uri} (the embedded server's URI is only known later).
+    @param https_policy: how HTTPS servers are trusted when fetching C{jwt-jwks-url} (a Twisted
+        C{IPolicyForHTTPS}; the default trusts the system's certificate authorities).
     @param ping_interval: seconds between the server's pings; a peer that has not answered one
         within C{ping_timeout} seconds is dropped.
     """
@@ -43,6 +45,7 @@ class Relay(service.Service):
         db_uri: str | None = None,
         ping_interval: float = 30,
         ping_timeout: float = 10,
+        https_policy: Any = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -57,7 +60,8 @@ class Relay(service.Service):
         self.registry = ChannelRegistry(self)
         self.listener = Listener(reactor, self.db_uri, self.registry.deliver)
         self.factory = RelayFactory(
-            verifier=TokenVerifier(config.jwt_secret, clock=clock),
+            verifier=TokenVerifier.from_config(config, reactor=reactor, clock=clock,
+                                               https_policy=https_policy),
             registry=self.registry,
             pool=self.pool,
             audit_channel=config.audit_channel,
