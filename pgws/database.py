@@ -20,16 +20,16 @@ Traps this module works around (measured, see FACTS.md):
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from collections.abc import Callable
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from txpostgres import retrying
 from txpostgres.reconnection import DeadConnectionDetector
 from txpostgres.txpostgres import Connection, ConnectionPool
@@ -85,6 +85,14 @@ def describe_error(failure_or_exc: Any) -> str:
     return text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__
 
 
+def backoff_delays(first: float = 1.0, cap: float = 32.0) -> Iterator[float]:
+    """1, 2, 4 ... 32, 32 ... seconds between connection attempts."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, cap)
+
+
 def _backoff() -> Any:
     """1, 2, 4 ... 32 s between reconnection attempts, forever; the first one at once."""
     return retrying.simpleBackoffIterator(
@@ -110,13 +118,17 @@ class _QuietConnection(Connection):
 
 
 class _ListenConnection(_QuietConnection):
-    """A txpostgres connection that hands notifications over in order, and can stop reading."""
+    """
+    A txpostgres connection that hands notifications over in order, can stop reading, and
+    reports its own death to the L{Listener} (which reconnects it).
+    """
 
-    def __init__(self, reactor: Any, detector: DeadConnectionDetector,
-                 sink: Callable[[list[Any]], None]) -> None:
-        super().__init__(reactor=reactor, detector=detector)
+    def __init__(self, reactor: Any, sink: Callable[[list[Any]], None],
+                 lost: Callable[[str, Any], None]) -> None:
+        super().__init__(reactor=reactor)
         self.prefix = "LISTEN session"
         self._sink = sink
+        self._lost = lost
         self.paused = False
 
     def checkForNotifies(self) -> None:
@@ -137,46 +149,156 @@ class _ListenConnection(_QuietConnection):
         if self._connection is not None and not self._connection.closed and not self._cursors:
             self.reactor.addReader(self)
 
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self._lost(describe_error(reason), self)
+
 
 class Listener:
     """
     The one LISTEN session of the process.  C{listen}/C{unlisten} keep the wanted set; the
     connection is made to match it, now and after every reconnect.  Notifications go to
-    C{deliver(channel, payload_bytes)} in PostgreSQL's order.
+    C{deliver(channel, payload)} in PostgreSQL's order.
+
+    The session is watched: libpq keepalives notice a dead link, and every
+    C{check_interval} seconds a C{SELECT 1} must answer within that interval or the session is
+    dropped and made again.  Reconnection backs off 1, 2, 4 ... 32 s.  With C{max_attempts},
+    start-up gives up after that many failed attempts and calls C{gave_up(reason)} (the
+    postgres-websockets-compatible behaviour, for an outside supervisor); pgws's own mode keeps
+    trying.
+
+    @param recovered: called (with no argument) each time the session is back after a loss,
+        once every wanted channel is LISTENed again: readers may have missed notifications.
     """
 
-    def __init__(self, reactor: Any, dsn: str, deliver: Callable[[str, bytes], int]) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        dsn: str,
+        deliver: Callable[[str, str], Any],
+        check_interval: float = 5.0,
+        max_attempts: int = 0,
+        gave_up: Callable[[str], None] | None = None,
+        recovered: Callable[[], None] | None = None,
+    ) -> None:
         self._reactor = reactor
         self._dsn = dsn
         self._deliver = deliver
+        self._check_interval = check_interval
+        self._max_attempts = max_attempts
+        self._gave_up = gave_up
+        self._on_recovered = recovered
         self._wanted: set[str] = set()
         self._inflight: dict[str, defer.Deferred[None]] = {}
         self._backlog: collections.deque[tuple[str, str]] = collections.deque()
         self._draining = False
-        self._detector = DeadConnectionDetector(reconnectionIterator=_backoff, reactor=reactor)
-        self._detector.addRecoveryHandler(self._recovered)
-        self._conn = _ListenConnection(reactor, self._detector, self._received)
+        self._conn = _ListenConnection(reactor, self._received, self._lost)
         self._stopped = False
+        self._connecting = False
+        self._ever_connected = False
+        self._heartbeat: LoopingCall | None = None
         self.connected = False
+        self.losses = 0  # how many times the session was lost (metrics, tests)
 
     async def start(self) -> None:
-        """Connect (retrying in the background on failure) and LISTEN to every wanted channel."""
+        """Connect, retrying with back-off, and LISTEN to every wanted channel."""
         _log.info("Connecting the LISTEN session to {where}", where=describe_dsn(self._dsn))
-        try:
-            await self._conn.connect(self._dsn, **connect_kwargs("pgws listener"))
-        except Exception as e:
-            _log.error("LISTEN session could not connect: {why}; retrying", why=describe_error(e))
-            self._detector.checkForDeadConnection(Failure(e))
-            return
-        await self._recovered()
+        if self._check_interval > 0:
+            self._heartbeat = LoopingCall(self._check)
+            self._heartbeat.clock = self._reactor
+            self._heartbeat.start(self._check_interval, now=False).addErrback(
+                lambda f: _log.failure("LISTEN session check failed", f))
+        await self._connect()
 
     def stop(self) -> None:
         self._stopped = True
         self.connected = False
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
         try:
             self._conn.close()
         except Exception:
             pass
+
+    async def _connect(self) -> None:
+        if self._connecting or self._stopped:
+            return
+        self._connecting = True
+        try:
+            delays = backoff_delays()
+            attempt = 0
+            while not self._stopped:
+                attempt += 1
+                conn = self._conn
+                try:
+                    await conn.connect(self._dsn, **connect_kwargs("pgws listener"))
+                    if conn is self._conn:
+                        await self._listen_all()
+                        if self.connected:
+                            return
+                    why = "the session was lost while it was being set up"
+                except Exception as e:
+                    why = describe_error(e)
+                if self._stopped:
+                    return
+                if (self._max_attempts and not self._ever_connected
+                        and attempt >= self._max_attempts):
+                    _log.error("LISTEN session: attempt {n} of {total} failed: {why}; giving up",
+                               n=attempt, total=self._max_attempts, why=why)
+                    if self._gave_up is not None:
+                        self._gave_up(why)
+                    return
+                delay = next(delays)
+                _log.warn("LISTEN session: connection attempt {n} failed: {why}; "
+                          "retrying in {delay:.0f} s", n=attempt, why=why, delay=delay)
+                await deferLater(self._reactor, delay, lambda: None)
+        finally:
+            self._connecting = False
+
+    async def _listen_all(self) -> None:
+        self.connected = True
+        self._conn.resumeReading()
+        channels = sorted(self._wanted)
+        # Many channels are re-LISTENed in a few statements, not one round trip each.
+        for start in range(0, len(channels), 1000):
+            chunk = channels[start:start + 1000]
+            await self._run("; ".join(f"LISTEN {quote_ident(c)}" for c in chunk))
+        if not self.connected:
+            return
+        after_loss = self._ever_connected
+        self._ever_connected = True
+        _log.info("LISTEN session ready ({n} channels)", n=len(channels))
+        if after_loss and self._on_recovered is not None:
+            self._on_recovered()
+
+    def _lost(self, why: str, conn: Any = None) -> None:
+        """The session died (read error, failed command or failed check): make it again."""
+        if self._stopped or (conn is not None and conn is not self._conn):
+            return  # a connection already replaced
+        was_connected, self.connected = self.connected, False
+        if was_connected:
+            self.losses += 1
+            _log.warn("LISTEN session lost ({why}); reconnecting, sockets stay open", why=why)
+        # A fresh connection object: a query stuck on the dead one would hold its lock forever.
+        old, self._conn = self._conn, _ListenConnection(self._reactor, self._received, self._lost)
+        self._inflight.clear()
+        try:
+            old.close()
+        except Exception:
+            pass
+        d = defer.Deferred.fromCoroutine(self._connect())
+        d.addErrback(lambda f: _log.failure("LISTEN session reconnection failed", f))
+
+    async def _check(self) -> None:
+        """A cheap query that must answer in time, or the session counts as dead."""
+        if not self.connected or self._connecting:
+            return
+        d = self._conn.runQuery("SELECT 1")
+        d.addTimeout(self._check_interval, self._reactor)
+        try:
+            await d
+        except Exception as e:
+            self._lost(f"check failed: {describe_error(e) or 'no answer in time'}")
 
     async def listening_channels(self) -> list[str]:
         """What PostgreSQL says this session LISTENs to (for tests and health checks)."""
@@ -186,16 +308,6 @@ class Listener:
     @property
     def backlog(self) -> int:
         return len(self._backlog)
-
-    async def _recovered(self) -> None:
-        self.connected = True
-        self._conn.resumeReading()
-        channels = sorted(self._wanted)
-        # Many channels are re-LISTENed in a few statements, not one round trip each.
-        for start in range(0, len(channels), 1000):
-            chunk = channels[start:start + 1000]
-            await self._run("; ".join(f"LISTEN {quote_ident(c)}" for c in chunk))
-        _log.info("LISTEN session ready ({n} channels)", n=len(channels))
 
     def listen(self, channel: str) -> None:
         self._wanted.add(channel)
@@ -237,10 +349,8 @@ class Listener:
         try:
             await self._conn.runOperation(sql)
         except Exception as e:
-            self.connected = False
-            _log.warn("LISTEN session: {sql} failed: {why}", sql=sql.split(" ")[0],
-                      why=describe_error(e))
-            self._detector.checkForDeadConnection(Failure(e))
+            if self.connected:
+                self._lost(f"{sql.split(' ')[0]} failed: {describe_error(e)}")
 
     # -- the notification pump ------------------------------------------------------------
 
@@ -256,7 +366,7 @@ class Listener:
         backlog, deliver = self._backlog, self._deliver
         while backlog and budget > 0:
             channel, payload = backlog.popleft()
-            budget -= 1 + deliver(channel, payload.encode("utf-8"))
+            budget -= 1 + (deliver(channel, payload) or 0)
         if backlog:
             if len(backlog) >= BACKLOG_PAUSE:
                 self._conn.paused = True

@@ -5,16 +5,19 @@ Wire protocol
 =============
 
 Opening: C{GET /<channel>/<jwt>} or C{GET /<jwt>} with a WebSocket upgrade.  The channel segment is
-percent-decoded; a query string is ignored.  The token decides what the socket may do (see
-L{pgws.auth}).  A refusal is an HTTP response before any WebSocket opens, with a one-line
-C{text/plain} body saying why:
+percent-decoded; a query string is ignored.  The token may instead travel in an offered
+subprotocol C{pgws.bearer.<jwt>} (offer C{pgws} too; pgws answers C{pgws}) or in an
+C{Authorization: Bearer <jwt>} header, and the path is then C{/<channel>} or C{/} (see
+L{pgws.credentials}).  The token decides what the socket may do (see L{pgws.auth}).  A refusal is
+an HTTP response before any WebSocket opens, with a one-line C{text/plain} body saying why:
 
     400  the path is not /<channel>/<jwt> or /<jwt>
     401  no token, or a malformed, badly signed, expired or not-yet-valid token
     403  a valid token that does not allow the request (mode, channel, channel name)
 
 Client -> database (modes C{w}, C{rw}): each text message becomes, for each channel of the socket,
-C{pg_notify(<channel>, <envelope>)} with the envelope of L{pgws.envelope}; with an audit channel
+C{pg_notify(<channel>, <envelope>)} with the envelope of L{pgws.envelope} (with C{listen-channel}
+set, C{pg_notify(<listen-channel>, <envelope>)}: see L{pgws.routing}); with an audit channel
 configured the same envelope is also notified there.  A socket's messages reach PostgreSQL in the
 order it sent them.  Messages from a read-only socket are not relayed (logged once per socket).
 
@@ -22,18 +25,31 @@ Database -> clients (modes C{r}, C{rw}): each notification on a channel reaches 
 text frame carrying the payload byte for byte, in PostgreSQL's order.  A C{rw} sender receives its
 own messages back.
 
+Control messages: binary frames carry pgws's own messages, as UTF-8 JSON objects, so that they
+can never be mistaken for relayed text.  A client sends C{{"refresh": "<jwt>"}} to replace its
+token before C{exp} (the new token may not widen the socket's channels or mode); pgws answers
+C{{"refreshed": true, "exp": <exp or null>}} or C{{"refreshed": false, "reason": "..."}} and
+keeps the old token in that case.
+
+Meta channel (C{meta-channel}): each accepted socket notifies
+C{{"event": "ConnectionOpen", "channel": <meta-channel>, "payload": "<its channels, comma
+separated>", "claims": {...}}} there, and C{ConnectionClose} when it goes.  Reading or writing the
+meta channel needs a token that names it in C{channel} or C{channels}.
+
 Close codes sent by pgws:
 
-    1003  a binary message (pgws relays text only)
+    1003  a binary message that is not a pgws control message
     1007  a text message that is not UTF-8 (Autobahn checks this)
     1009  a message whose envelope is over PostgreSQL's NOTIFY limit (the reason gives it)
     1011  a database error while sending the socket's messages (the reason gives it)
+    3001  the token expired (at its C{exp}), reason C{JWT expired}
 
 The server pings every 30 seconds and drops a peer that has not answered within 10 seconds.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from http.client import responses
 from typing import Any
@@ -44,11 +60,14 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from pgws.auth import Grant, Refusal, TokenVerifier, authorize, split_path
+from pgws.auth import Grant, Refusal, TokenVerifier, authorize
+from pgws.channelname import show_channel
+from pgws.credentials import accepted_subprotocol, locate
 from pgws.channels import ChannelRegistry
 from pgws.database import NotifyPool, Outbox
 from pgws.envelope import NOTIFY_PAYLOAD_LIMIT, EnvelopeEncoder, envelope_size
 from pgws.redact import redact
+from pgws.routing import PerChannelRouting, Routing
 
 __all__ = ["RelayFactory", "RelayProtocol"]
 
@@ -57,6 +76,7 @@ _log = Logger()
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_JWT_EXPIRED = 3001
 
 
 def _close_reason(text: str) -> str:
@@ -74,30 +94,35 @@ class RelayProtocol(WebSocketServerProtocol):
     _envelopes: EnvelopeEncoder | None = None
     _reading = False
     _ignored_reported = False
+    _expiry: Any = None
+    _opened = False
 
     # -- opening handshake ---------------------------------------------------------------------
 
-    def onConnect(self, request: ConnectionRequest) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._connect())
+    def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:
+        return Deferred.fromCoroutine(self._connect(request))
 
-    async def _connect(self) -> None:
+    async def _connect(self, request: ConnectionRequest) -> str | None:
         try:
             # The raw request URI: Autobahn's parsed path reads "//x" as a host name.
-            grant = self.grant = await self.factory.grant_for(self.http_request_uri)
+            channel, token = locate(self.http_request_uri, request.headers, request.protocols)
+            grant = self.grant = await self.factory.grant_for(channel, token)
         except Refusal as refusal:
             _log.info("refused WebSocket from {peer}: {status} {reason}", peer=self.peer,
                       status=refusal.status, reason=redact(refusal.reason))
             raise ConnectionDeny(refusal.status, refusal.reason) from None
+        subprotocol = accepted_subprotocol(request.protocols)
         if not grant.can_read:
-            return
+            return subprotocol
         # Join the channels now and answer 101 only once PostgreSQL has executed the LISTEN:
         # a client may rely on receiving whatever is notified after its socket opened.
         # write_frame() drops frames until the socket is open, so none precedes the 101.
         self._reading = True
         registry = self.factory.registry
-        for channel in grant.channels:
-            registry.add(channel, self)
+        for name in grant.channels:
+            registry.add(name, self)
         await registry.ready(grant.channels)
+        return subprotocol
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """
@@ -126,11 +151,43 @@ class RelayProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         grant = self.grant
         assert grant is not None
+        self._opened = True
+        factory = self.factory
         if grant.can_write:
             self._envelopes = EnvelopeEncoder(grant.claims)
-            self._outbox = self.factory.outbox(self._database_failed)
+        if grant.can_write or factory.meta_channel is not None:
+            self._outbox = factory.outbox(self._database_failed)
+        self._schedule_expiry(grant)
+        self._meta_event("ConnectionOpen")
         _log.info("WebSocket from {peer} open: mode {mode}, channels {channels}", peer=self.peer,
                   mode=grant.mode, channels=",".join(grant.channels))
+
+    def _schedule_expiry(self, grant: Grant) -> None:
+        """A token with a numeric exp closes its socket at that moment (3001, as the original)."""
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        exp = grant.claims.get("exp")
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            delay = max(0.0, exp - self.factory.clock())
+            self._expiry = self.factory.reactor.callLater(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        if self.state == self.STATE_OPEN:
+            self.sendClose(CLOSE_JWT_EXPIRED, "JWT expired")
+
+    def _meta_event(self, event: str) -> None:
+        meta, grant = self.factory.meta_channel, self.grant
+        if meta is None or grant is None or self._outbox is None:
+            return
+        envelope = EnvelopeEncoder(grant.claims, event=event).encode(
+            meta, ",".join(grant.channels), self.factory.clock())
+        if envelope_size(envelope) > NOTIFY_PAYLOAD_LIMIT:
+            _log.warn("{event} of {peer} not sent: its envelope is over the NOTIFY limit",
+                      event=event, peer=self.peer)
+            return
+        self._outbox.put([(self.factory.routing.db_channel(meta), envelope)])
 
     def write_frame(self, frame: bytes) -> None:
         if self.state == self.STATE_OPEN:
@@ -142,8 +199,7 @@ class RelayProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             return  # closing: what arrives now is not relayed
         if isBinary:
-            self.close_with(CLOSE_UNSUPPORTED_DATA,
-                            "binary messages are not supported; send text (UTF-8)")
+            self._control(payload)
             return
         if self._outbox is None or self._envelopes is None:
             if not self._ignored_reported:
@@ -154,6 +210,7 @@ class RelayProtocol(WebSocketServerProtocol):
         text = payload.decode("utf-8")  # Autobahn has already checked it is UTF-8
         now = self.factory.clock()
         audit = self.factory.audit_channel
+        db_channel = self.factory.routing.db_channel
         pairs: list[tuple[str, str]] = []
         for channel in grant.channels:
             envelope = self._envelopes.encode(channel, text, now)
@@ -163,10 +220,56 @@ class RelayProtocol(WebSocketServerProtocol):
                                 f"message too big: its NOTIFY payload is {size} bytes, "
                                 f"PostgreSQL's limit is {NOTIFY_PAYLOAD_LIMIT}")
                 return
-            pairs.append((channel, envelope))
+            pairs.append((db_channel(channel), envelope))
             if audit is not None:
                 pairs.append((audit, envelope))
         self._outbox.put(pairs)
+
+    def _control(self, payload: bytes) -> None:
+        """A binary frame: a pgws control message, or a 1003 close."""
+        try:
+            message = json.loads(payload.decode("utf-8"))
+        except ValueError:
+            message = None
+        if isinstance(message, dict) and isinstance(message.get("refresh"), str):
+            d = Deferred.fromCoroutine(self._refresh(message["refresh"]))
+            d.addErrback(lambda f: _log.failure("token refresh failed", f))
+            return
+        self.close_with(CLOSE_UNSUPPORTED_DATA,
+                        "binary messages are not supported; send text (UTF-8)")
+
+    async def _refresh(self, token: str) -> None:
+        old = self.grant
+        assert old is not None
+        try:
+            # The same request as the opening one: channel claims resolve the same way.
+            requested = old.channels[0] if len(old.channels) == 1 else None
+            new = await self.factory.grant_for(requested, token)
+            widened = set(new.channels) - set(old.channels)
+            if widened:
+                raise Refusal(403, f"the new token would add channel "
+                                   f"{show_channel(sorted(widened)[0])}")
+            if not set(new.mode) <= set(old.mode):
+                raise Refusal(403, f'the new token\'s mode "{new.mode}" is wider than '
+                                   f'"{old.mode}"')
+            if set(new.channels) != set(old.channels) or new.mode != old.mode:
+                raise Refusal(403, "the new token must grant the same channels and mode")
+        except Refusal as refusal:
+            _log.info("WebSocket from {peer}: token refresh refused: {reason}", peer=self.peer,
+                      reason=redact(refusal.reason))
+            self._send_control({"refreshed": False, "reason": refusal.reason})
+            return
+        self.grant = new
+        if self._envelopes is not None:
+            self._envelopes = EnvelopeEncoder(new.claims)
+        self._schedule_expiry(new)
+        exp = new.claims.get("exp")
+        _log.info("WebSocket from {peer}: token refreshed", peer=self.peer)
+        self._send_control({"refreshed": True, "exp": exp if isinstance(exp, (int, float)) else None})
+
+    def _send_control(self, message: dict[str, Any]) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(json.dumps(message).encode("utf-8"), isBinary=True)
 
     def _database_failed(self, why: str) -> None:
         _log.error("WebSocket from {peer}: {why}", peer=self.peer, why=why)
@@ -182,11 +285,15 @@ class RelayProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         grant = self.grant
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
         if grant is not None and self._reading:
             self._reading = False
             for channel in grant.channels:
                 self.factory.registry.remove(channel, self)
-        if grant is not None and self.state is not None:
+        if self._opened:
+            self._opened = False
+            self._meta_event("ConnectionClose")
             _log.info("WebSocket from {peer} closed: {code} {reason}", peer=self.peer,
                       code=code, reason=redact(reason or ""))
 
@@ -203,6 +310,8 @@ class RelayFactory(WebSocketServerFactory):
         registry: ChannelRegistry,
         pool: NotifyPool,
         audit_channel: str | None = None,
+        meta_channel: str | None = None,
+        routing: Routing | None = None,
         reactor: Any = None,
         clock: Callable[[], float] = time.time,
         ping_interval: float = 30,
@@ -213,6 +322,8 @@ class RelayFactory(WebSocketServerFactory):
         self.registry = registry
         self.pool = pool
         self.audit_channel = audit_channel
+        self.meta_channel = meta_channel
+        self.routing: Routing = routing or PerChannelRouting()
         self.clock = clock
         self.setProtocolOptions(
             autoPingInterval=ping_interval,
@@ -224,9 +335,16 @@ class RelayFactory(WebSocketServerFactory):
             maxMessagePayloadSize=64 * 1024,
         )
 
-    async def grant_for(self, path: str) -> Grant:
-        channel, token = split_path(path)
-        return authorize(await self.verifier.claims(token), channel)
+    async def grant_for(self, channel: str | None, token: str) -> Grant:
+        claims = await self.verifier.claims(token)
+        grant = authorize(claims, channel)
+        meta = self.meta_channel
+        if meta is not None and meta in grant.channels:
+            named = claims.get("channel") == meta or meta in (claims.get("channels") or ())
+            if not named:
+                raise Refusal(403, f"channel {show_channel(meta)} is the meta channel; only a "
+                                   "token that names it may open it")
+        return grant
 
     def outbox(self, on_error: Callable[[str], None]) -> Outbox:
         return Outbox(self.pool, on_error)

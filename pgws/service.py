@@ -19,6 +19,7 @@ from pgws.channels import ChannelRegistry
 from pgws.config import Config
 from pgws.database import Listener, NotifyPool, describe_dsn
 from pgws.protocol import RelayFactory
+from pgws.routing import ListenChannelRouting, PerChannelRouting, Routing
 from pgws.web import RelayResource
 
 __all__ = ["Relay"]
@@ -58,30 +59,67 @@ class Relay(service.Service):
             raise ValueError("start the embedded PostgreSQL first and pass its URI as db_uri")
         self.pool = NotifyPool(reactor, self.db_uri, config.db_pool)
         self.registry = ChannelRegistry(self)
-        self.listener = Listener(reactor, self.db_uri, self.registry.deliver)
+        self.routing: Routing = (
+            ListenChannelRouting(config.listen_channel) if config.listen_channel
+            else PerChannelRouting()
+        )
+        self._db_readers: dict[str, int] = {}  # database channel -> pgws channels read on it
+        self.listener = Listener(
+            reactor,
+            self.db_uri,
+            self._deliver_function(),
+            check_interval=config.check_listener_interval / 1000,
+            # postgres-websockets gives up after `retries`; pgws's own mode keeps trying.
+            max_attempts=config.retries if config.listen_channel else 0,
+            gave_up=self._gave_up,
+        )
         self.factory = RelayFactory(
             verifier=TokenVerifier.from_config(config, reactor=reactor, clock=clock,
                                                https_policy=https_policy),
             registry=self.registry,
             pool=self.pool,
             audit_channel=config.audit_channel,
+            meta_channel=config.meta_channel,
+            routing=self.routing,
             reactor=reactor,
             clock=clock,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
         )
         self._started: defer.Deferred[None] | None = None
+        self.exit_status = 0
 
-    # The registry asks the relay, which forwards to the listener: the listener is made in
-    # __init__ after the registry, and this keeps the registry free of txpostgres.
+    def _deliver_function(self) -> Callable[[str, str], int]:
+        """What the listener calls per notification, in PostgreSQL's order."""
+        deliver, route = self.registry.deliver, self.routing.route
+        if isinstance(self.routing, PerChannelRouting):  # the hot path: no routing step
+            return lambda channel, payload: deliver(channel, payload.encode("utf-8"))
+        return lambda channel, payload: deliver(route(channel, payload), payload.encode("utf-8"))
+
+    def _gave_up(self, why: str) -> None:
+        """Start-up retries exhausted: exit non-zero so that a supervisor restarts pgws."""
+        _log.critical("Giving up: the database is unreachable ({why})", why=why)
+        self.exit_status = 1
+        if self._reactor.running:
+            self._reactor.stop()
+
+    # The registry asks the relay, which maps pgws channels to database channels (the routing)
+    # and forwards to the listener; this keeps the registry free of txpostgres and routing.
     def listen(self, channel: str) -> None:
-        self.listener.listen(channel)
+        db = self.routing.db_channel(channel)
+        self._db_readers[db] = self._db_readers.get(db, 0) + 1
+        if self._db_readers[db] == 1:
+            self.listener.listen(db)
 
     def unlisten(self, channel: str) -> None:
-        self.listener.unlisten(channel)
+        db = self.routing.db_channel(channel)
+        self._db_readers[db] -= 1
+        if not self._db_readers[db]:
+            del self._db_readers[db]
+            self.listener.unlisten(db)
 
     def ready(self, channel: str) -> defer.Deferred[None]:
-        return self.listener.ready(channel)
+        return self.listener.ready(self.routing.db_channel(channel))
 
     def resource(self) -> RelayResource:
         """The C{twisted.web} resource to mount: WebSockets, plus static files if configured."""
