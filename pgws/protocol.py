@@ -96,6 +96,7 @@ class RelayProtocol(WebSocketServerProtocol):
     _ignored_reported = False
     _expiry: Any = None
     _opened = False
+    _requested: str | None = None  # the channel the opening request asked for
 
     # -- opening handshake ---------------------------------------------------------------------
 
@@ -106,6 +107,7 @@ class RelayProtocol(WebSocketServerProtocol):
         try:
             # The raw request URI: Autobahn's parsed path reads "//x" as a host name.
             channel, token = locate(self.http_request_uri, request.headers, request.protocols)
+            self._requested = channel
             grant = self.grant = await self.factory.grant_for(channel, token)
         except Refusal as refusal:
             _log.info("refused WebSocket from {peer}: {status} {reason}", peer=self.peer,
@@ -243,8 +245,7 @@ class RelayProtocol(WebSocketServerProtocol):
         assert old is not None
         try:
             # The same request as the opening one: channel claims resolve the same way.
-            requested = old.channels[0] if len(old.channels) == 1 else None
-            new = await self.factory.grant_for(requested, token)
+            new = await self.factory.grant_for(self._requested, token)
             widened = set(new.channels) - set(old.channels)
             if widened:
                 raise Refusal(403, f"the new token would add channel "

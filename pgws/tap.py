@@ -92,6 +92,33 @@ class _EmbeddedPostgresService(service.Service):
         self.launcher.stop()
 
 
+def tls_options(certificate_file: str, key_file: str) -> Any:
+    """
+    TLS settings from PEM files: the first certificate of C{certificate_file} is the server's,
+    any that follow are its chain.  A problem is a start-up error naming the file.
+    """
+    from twisted.internet import ssl
+
+    try:
+        with open(certificate_file, "rb") as f:
+            pem = f.read()
+        with open(key_file, "rb") as f:
+            key = ssl.KeyPair.load(f.read(), ssl.FILETYPE_PEM)
+        blocks = [b"-----BEGIN CERTIFICATE-----" + part
+                  for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
+        if not blocks:
+            raise ValueError("no PEM certificate in it")
+        certs = [ssl.Certificate.loadPEM(block) for block in blocks]
+        server = ssl.PrivateCertificate.fromCertificateAndKeyPair(certs[0], key)
+        return ssl.CertificateOptions(
+            privateKey=server.privateKey.original, certificate=server.original,
+            extraCertChain=[c.original for c in certs[1:]],
+        )
+    except Exception as e:  # OpenSSL's errors are many; each is a start-up error here
+        _fail(f'"certificate-file"/"key-file": cannot use {certificate_file} with {key_file}: '
+              f"{e or e.__class__.__name__}", EXIT_CONFIG)
+
+
 class _ListeningService(service.Service):
     """Binds the port before the reactor runs, so a taken port is a clean start-up failure."""
 
@@ -103,14 +130,24 @@ class _ListeningService(service.Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        config = self._config
         try:
-            self.port = self._reactor.listenTCP(
-                self._config.server_port, self._site, interface=self._config.listen_interface
-            )
+            if config.certificate_file and config.key_file:
+                self.port = self._reactor.listenSSL(
+                    config.server_port, self._site, tls_options(config.certificate_file,
+                                                                config.key_file),
+                    interface=config.listen_interface,
+                )
+            else:
+                self.port = self._reactor.listenTCP(
+                    config.server_port, self._site, interface=config.listen_interface
+                )
         except CannotListenError as e:
             _fail(f'"server-port": cannot listen on {self._config.server_host} port '
                   f"{self._config.server_port}: {e.socketError}", EXIT_START)
-        _log.info("Listening on port {port}", port=self.port.getHost().port)
+        scheme = "wss/https" if config.certificate_file else "ws/http"
+        _log.info("Listening on port {port} ({scheme})", port=self.port.getHost().port,
+                  scheme=scheme)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -139,5 +176,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         db_uri = launcher.uri
     relay = Relay(config, reactor=reactor, db_uri=db_uri)
     relay.setServiceParent(top)
+
+    def exit_status() -> None:
+        # twistd exits 0 after reactor.stop(); a relay that gave up must exit non-zero.
+        if relay.exit_status:
+            os._exit(relay.exit_status)
+
+    reactor.addSystemEventTrigger("after", "shutdown", exit_status)
     _ListeningService(reactor, config, make_site(relay.resource())).setServiceParent(top)
     return top
