@@ -103,16 +103,16 @@ def tls_options(certificate_file: str, key_file: str) -> Any:
         with open(certificate_file, "rb") as f:
             pem = f.read()
         with open(key_file, "rb") as f:
-            key = ssl.KeyPair.load(f.read(), ssl.FILETYPE_PEM)
+            key_pem = f.read()
         blocks = [b"-----BEGIN CERTIFICATE-----" + part
                   for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
         if not blocks:
             raise ValueError("no PEM certificate in it")
-        certs = [ssl.Certificate.loadPEM(block) for block in blocks]
-        server = ssl.PrivateCertificate.fromCertificateAndKeyPair(certs[0], key)
+        server = ssl.PrivateCertificate.loadPEM(blocks[0] + b"\n" + key_pem)
+        chain = [ssl.Certificate.loadPEM(block).original for block in blocks[1:]]
         return ssl.CertificateOptions(
             privateKey=server.privateKey.original, certificate=server.original,
-            extraCertChain=[c.original for c in certs[1:]],
+            extraCertChain=chain,
         )
     except Exception as e:  # OpenSSL's errors are many; each is a start-up error here
         _fail(f'"certificate-file"/"key-file": cannot use {certificate_file} with {key_file}: '

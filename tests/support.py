@@ -93,13 +93,26 @@ class Client:
             self.proto.sendClose(1000)
 
 
-async def ws_connect(port: int, path: str, headers: dict[str, str] | None = None) -> Client:
-    """Open a WebSocket to 127.0.0.1:port + path and wait until it is open."""
+async def ws_connect(port: int, path: str, headers: dict[str, str] | None = None,
+                     trust_pem: bytes | None = None) -> Client:
+    """
+    Open a WebSocket to 127.0.0.1:port + path and wait until it is open; with C{trust_pem},
+    over TLS (wss://) trusting that certificate.
+    """
     client = Client()
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", headers=headers or {})
+    scheme = "wss" if trust_pem else "ws"
+    factory = WebSocketClientFactory(f"{scheme}://localhost:{port}{path}", headers=headers or {})
     factory.protocol = _ClientProtocol
     factory.client = client  # type: ignore[attr-defined]
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    endpoint: Any
+    if trust_pem:
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+
+        options = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(trust_pem))
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, options)
+    else:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     await wait(endpoint.connect(factory))
     await wait(client.opened)
     return client
@@ -219,3 +232,37 @@ class Db:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def make_certificate(folder: Any) -> tuple[str, str, bytes]:
+    """A self-signed certificate for localhost / 127.0.0.1: (certificate path, key path, PEM)."""
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    folder = Path(folder)
+    (folder / "cert.pem").write_bytes(pem)
+    (folder / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return str(folder / "cert.pem"), str(folder / "key.pem"), pem

@@ -160,3 +160,97 @@ async def test_embedded_database_starts_relays_and_stops_with_pgws(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_serves_wss_with_the_given_certificate(db_uri, tmp_path):
+    from support import make_certificate
+
+    cert, key, pem = make_certificate(tmp_path)
+    server = Twistd(tmp_path, "--db-uri", db_uri, "--port", "0", "--server-host", "127.0.0.1",
+                    env={"PGWS_JWT_SECRET": SECRET, "PGWS_CERTIFICATE_FILE": cert,
+                         "PGWS_KEY_FILE": key})
+    try:
+        port = await server.listening()
+        assert "(wss/https)" in server.text()
+        client = await ws_connect(port, "/tls/" + token({"mode": "rw"}), trust_pem=pem)
+        await sleep(0.2)
+        client.send("encrypted")
+        assert (await client.next_json())["payload"] == "encrypted"
+    finally:
+        await server.terminate()
+
+
+def test_tls_with_only_one_file_is_a_start_up_error(tmp_path):
+    from support import make_certificate
+
+    cert, _, _ = make_certificate(tmp_path)
+    result = run_twistd("--db-uri", "x", "--certificate-file", cert,
+                        env={"PGWS_JWT_SECRET": SECRET})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert '"key-file" is missing' in result.stderr
+
+
+def test_tls_with_a_key_that_is_not_a_key_is_a_start_up_error(tmp_path):
+    from support import make_certificate
+
+    cert, _, _ = make_certificate(tmp_path)
+    result = run_twistd("--db-uri", "x", "--certificate-file", cert, "--key-file", cert,
+                        "--port", "0", env={"PGWS_JWT_SECRET": SECRET})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "cannot use" in result.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_compat_mode_gives_up_after_retries_and_exits_non_zero(tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]  # nothing listens there once closed
+    server = Twistd(tmp_path, "--port", "0", "--server-host", "127.0.0.1",
+                    env={"PGWS_JWT_SECRET": SECRET, "PGWS_LISTEN_CHANNEL": "l",
+                         "PGWS_RETRIES": "2",
+                         "PGWS_DB_URI": f"postgres://u:hunter2secret@127.0.0.1:{dead_port}/d"})
+    deadline = time.monotonic() + 30
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        await sleep(0.1)
+    assert server.proc.poll() is not None, "pgws did not give up"
+    assert server.proc.returncode == 1
+    log = server.text()
+    assert "attempt 1 failed" in log and "attempt 2 of 2 failed" in log and "giving up" in log
+    assert "hunter2secret" not in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_websockets_sample_env_starts_pgws(db_uri, tmp_path):
+    # The variables of postgres-websockets' sample-env, sourced unchanged by a shell, with its
+    # @./database-uri.txt pointing at the test database and its client-example folder present.
+    (tmp_path / "database-uri.txt").write_text(db_uri + "\n")
+    (tmp_path / "client-example").mkdir()
+    (tmp_path / "client-example" / "index.html").write_text("<html>example</html>")
+    sample_env = ROOT / "tests" / "postgres-websockets-sample-env"
+    port = free_port()
+    log = tmp_path / "twistd.log"
+    proc = subprocess.Popen(
+        ["bash", "-c", f'source "{sample_env}" && export PGWS_PORT={port} && '
+                       f'exec "{TWISTD[0]}" --pidfile= -n --logfile "{log}" pgws'],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PGWS_")},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while f"Listening on port {port}" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            await sleep(0.1)
+        page = await http_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert page.body == b"<html>example</html>"
+        secret = "auwhfdnskjhewfi34uwehdlaehsfkuaeiskjnfduierhfsiweskjcnzeiluwhskdewishdnpwe"
+        import jwt
+
+        client = await ws_connect(port, "/chat/" + jwt.encode({"mode": "rw"}, secret, "HS256"))
+        client.send("drop-in")
+        got = await client.next_json()
+        assert (got["channel"], got["payload"]) == ("chat", "drop-in")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
