@@ -88,6 +88,21 @@ SETTINGS: tuple[Setting, ...] = (
             "mode keeps trying)"),
     Setting("check-listener-interval", int, 5000,
             "milliseconds between checks that the LISTEN session is alive (0: keepalives only)"),
+    Setting("max-connections", int, 15000,
+            "WebSockets served at once; past it new ones get 503 (the open-files limit here is "
+            "~20000)"),
+    Setting("max-channels", int, 100, "channels one socket may have (a channels claim)"),
+    Setting("max-pending-bytes", int, 1048576,
+            "bytes waiting to be sent to one socket; a reader that falls further behind is "
+            "closed (1008) so that it cannot slow the others or grow memory"),
+    Setting("max-queued-messages", int, 1000,
+            "client messages one socket may have waiting while the database is away; past it "
+            "the socket is closed (1013) with the count not sent"),
+    Setting("allowed-origins", str, "*",
+            'comma-separated Origin patterns allowed to open WebSockets ("*" wildcards); '
+            "others get 403"),
+    Setting("shutdown-timeout", int, 10,
+            "seconds a graceful stop may take to flush client messages to the database"),
     Setting("certificate-file", str, None, "TLS certificate (PEM): serve wss:// and https://"),
     Setting("key-file", str, None, "TLS private key (PEM) for certificate-file"),
 )
@@ -127,6 +142,12 @@ class Config:
     check_listener_interval: int = 5000
     certificate_file: str | None = None
     key_file: str | None = None
+    max_connections: int = 15000
+    max_channels: int = 100
+    max_pending_bytes: int = 1048576
+    max_queued_messages: int = 1000
+    allowed_origins: tuple[str, ...] = ("*",)
+    shutdown_timeout: int = 10
 
     @property
     def embedded(self) -> bool:
@@ -281,6 +302,11 @@ def _validate(values: dict[str, Any]) -> Config:
         ("db-pool", lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
         ("server-port", lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
         ("embedded-port", lambda v: 1 <= v <= 65535, "must be between 1 and 65535"),
+        ("max-connections", lambda v: v >= 1, "must be 1 or more"),
+        ("max-channels", lambda v: v >= 1, "must be 1 or more"),
+        ("max-pending-bytes", lambda v: v >= 1024, "must be 1024 or more"),
+        ("max-queued-messages", lambda v: v >= 0, "must be 0 or more"),
+        ("shutdown-timeout", lambda v: v >= 0, "must be 0 or more"),
     ]
     for key, ok, why in checks:
         if not ok(values[key]):
@@ -355,4 +381,10 @@ def _validate(values: dict[str, Any]) -> Config:
         check_listener_interval=values["check-listener-interval"],
         certificate_file=cert,
         key_file=key,
+        max_connections=values["max-connections"],
+        max_channels=values["max-channels"],
+        max_pending_bytes=values["max-pending-bytes"],
+        max_queued_messages=values["max-queued-messages"],
+        allowed_origins=tuple(o.strip() for o in values["allowed-origins"].split(",") if o.strip()),
+        shutdown_timeout=values["shutdown-timeout"],
     )

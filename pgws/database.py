@@ -31,7 +31,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 from txpostgres import retrying
-from txpostgres.reconnection import DeadConnectionDetector
+from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 from txpostgres.txpostgres import Connection, ConnectionPool
 
 from pgws.channelname import quote_ident
@@ -414,6 +414,10 @@ class NotifyPool:
             except Exception:
                 pass
 
+    def check(self) -> defer.Deferred[Any]:
+        """A cheap statement through the pool: does sending work right now?"""
+        return self._pool.runQuery("SELECT 1")
+
     def notify(self, pairs: Sequence[Pair]) -> defer.Deferred[Any]:
         """One transaction that notifies every pair, in order."""
         if len(pairs) == 1:
@@ -426,30 +430,91 @@ class NotifyPool:
         )
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _connection_trouble(exc: BaseException) -> bool:
+    """Errors that mean "the database is away", worth waiting out, unlike a refused statement."""
+    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError, ConnectionDead,
+                            defer.CancelledError))
+
+
 class Outbox:
     """
     One socket's messages on their way to PostgreSQL: a FIFO sent one batch at a time, so order
     is kept over a pool of connections, and batched, so a fast writer costs one statement per
     round trip rather than one per message.
+
+    While the database is away, messages wait here (and the batch in flight is sent again: a
+    message may then reach PostgreSQL twice, never zero times) up to C{max_queued} messages;
+    past that C{on_overflow(count)} is called and the queue is dropped.  A statement PostgreSQL
+    refuses calls C{on_error(reason)}.  C{pause}/C{resume} are called when many messages wait
+    while the database is up, so that a flooding client is slowed down at its socket.
     """
 
-    def __init__(self, pool: NotifyPool, on_error: Callable[[str], None]) -> None:
+    HIGH_WATER = 256
+    LOW_WATER = 64
+
+    def __init__(
+        self,
+        pool: NotifyPool,
+        on_error: Callable[[str], None],
+        reactor: Any = None,
+        max_queued: int = 1000,
+        on_overflow: Callable[[int], None] | None = None,
+        pause: Callable[[], None] | None = None,
+        resume: Callable[[], None] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
         self._pool = pool
         self._on_error = on_error
-        self._pending: collections.deque[Pair] = collections.deque()
+        self._reactor = reactor
+        self._max_queued = max_queued
+        self._on_overflow = on_overflow
+        self._pause, self._resume = pause, resume
+        self._paused = False
+        self._pending: collections.deque[list[Pair]] = collections.deque()  # one list per message
         self._running = False
+        self._closed = False
         self._idle: list[defer.Deferred[None]] = []
+        self.away = False  # the last attempt failed for want of a database
         self.sent = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def put(self, pairs: Sequence[Pair]) -> None:
-        self._pending.extend(pairs)
+        """Queue one message's notifications (sent together, in order)."""
+        if self._closed:
+            return
+        # The same pair twice in one transaction is folded by PostgreSQL: it is one NOTIFY.
+        self._pending.append(list(dict.fromkeys(pairs)))
+        if self.away and len(self._pending) > self._max_queued:
+            self._overflow()
+            return
+        if (not self.away and not self._paused and self._pause is not None
+                and len(self._pending) > self.HIGH_WATER):
+            self._paused = True
+            self._pause()
         if not self._running:
             self._running = True
             d = defer.Deferred.fromCoroutine(self._run())
             d.addErrback(lambda f: _log.failure("outbox failed", f))
+
+    def _overflow(self) -> None:
+        count = len(self._pending)
+        self._pending.clear()
+        self._closed = True
+        if self._on_overflow is not None:
+            self._on_overflow(count)
+
+    def close(self) -> None:
+        """Accept nothing more; what is queued is still sent."""
+        self._closed = True
 
     def flushed(self) -> defer.Deferred[None]:
         """Fires once everything put so far has been sent (or given up on)."""
@@ -459,33 +524,61 @@ class Outbox:
         self._idle.append(d)
         return d
 
-    def _take_batch(self) -> list[Pair]:
-        batch: list[Pair] = []
+    def _take_batch(self) -> list[list[Pair]]:
+        batch: list[list[Pair]] = []
         seen: set[Pair] = set()
+        size = 0
         pending = self._pending
-        while pending and len(batch) < MAX_BATCH:
-            pair = pending[0]
-            if pair in seen:  # PostgreSQL would fold the duplicate: send it next time
-                break
-            seen.add(pair)
+        while pending and size < MAX_BATCH:
+            message = pending[0]
+            if batch and not seen.isdisjoint(message):
+                break  # PostgreSQL would fold the repeat: it goes in the next statement
+            seen.update(message)
+            size += len(message)
             batch.append(pending.popleft())
         return batch
 
     async def _run(self) -> None:
+        delays = backoff_delays(first=0.25, cap=5.0)
         try:
             while self._pending:
                 batch = self._take_batch()
                 try:
-                    await self._pool.notify(batch)
+                    await self._pool.notify([pair for message in batch for pair in message])
                 except Exception as e:
+                    if _connection_trouble(e):
+                        self._pending.extendleft(reversed(batch))  # kept, in order
+                        if not self.away:
+                            self.away = True
+                            self._release()
+                            _log.warn("database unavailable ({why}); keeping {n} messages",
+                                      why=describe_error(e), n=len(self._pending))
+                        if len(self._pending) > self._max_queued:
+                            self._overflow()
+                            return
+                        await deferLater(self._reactor, next(delays), lambda: None)
+                        continue
                     lost = len(batch) + len(self._pending)
                     self._pending.clear()
-                    self._on_error(f"database error, {lost} notifications not sent: "
+                    self._on_error(f"database error, {plural(lost, 'message')} not sent: "
                                    f"{describe_error(e)}")
                     return
+                if self.away:
+                    self.away = False
+                    delays = backoff_delays(first=0.25, cap=5.0)
+                    _log.info("database back: sending queued messages")
                 self.sent += len(batch)
+                if self._paused and len(self._pending) < self.LOW_WATER:
+                    self._release()
         finally:
             self._running = False
+            self._release()
             idle, self._idle = self._idle, []
             for d in idle:
                 d.callback(None)
+
+    def _release(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self._resume is not None:
+                self._resume()

@@ -41,7 +41,11 @@ Close codes sent by pgws:
     1003  a binary message that is not a pgws control message
     1007  a text message that is not UTF-8 (Autobahn checks this)
     1009  a message whose envelope is over PostgreSQL's NOTIFY limit (the reason gives it)
+    1001  the server is shutting down (what the socket sent before is flushed first)
+    1008  the reader fell more than C{max-pending-bytes} behind (it does not read fast enough)
     1011  a database error while sending the socket's messages (the reason gives it)
+    1013  the database was away and more than C{max-queued-messages} waited (the reason gives
+          how many were not sent)
     3001  the token expired (at its C{exp}), reason C{JWT expired}
 
 The server pings every 30 seconds and drops a peer that has not answered within 10 seconds.
@@ -64,7 +68,7 @@ from pgws.auth import Grant, Refusal, TokenVerifier, authorize
 from pgws.channelname import show_channel
 from pgws.credentials import accepted_subprotocol, locate
 from pgws.channels import ChannelRegistry
-from pgws.database import NotifyPool, Outbox
+from pgws.database import NotifyPool, Outbox, plural
 from pgws.envelope import NOTIFY_PAYLOAD_LIMIT, EnvelopeEncoder, envelope_size
 from pgws.redact import redact
 from pgws.routing import PerChannelRouting, Routing
@@ -73,10 +77,27 @@ __all__ = ["RelayFactory", "RelayProtocol"]
 
 _log = Logger()
 
+CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_LATER = 1013
 CLOSE_JWT_EXPIRED = 3001
+
+
+def _pending_bytes(transport: Any) -> int:
+    """
+    Bytes a transport has accepted but not yet handed to the kernel.  Under TLS the wrapper's
+    own transport holds the encrypted bytes.
+    """
+    inner = getattr(transport, "transport", None)
+    if inner is not None and not hasattr(transport, "dataBuffer"):
+        transport = inner
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except AttributeError:
+        return 0
 
 
 def _close_reason(text: str) -> str:
@@ -91,6 +112,11 @@ class RelayProtocol(WebSocketServerProtocol):
     factory: RelayFactory
     grant: Grant | None = None
     _outbox: Outbox | None = None
+
+    @property
+    def outbox(self) -> Outbox | None:
+        return self._outbox
+
     _envelopes: EnvelopeEncoder | None = None
     _reading = False
     _ignored_reported = False
@@ -106,6 +132,8 @@ class RelayProtocol(WebSocketServerProtocol):
     async def _connect(self, request: ConnectionRequest) -> str | None:
         try:
             # The raw request URI: Autobahn's parsed path reads "//x" as a host name.
+            if not self.factory.database_ready():
+                raise Refusal(503, "the database is unavailable; try again later")
             channel, token = locate(self.http_request_uri, request.headers, request.protocols)
             self._requested = channel
             grant = self.grant = await self.factory.grant_for(channel, token)
@@ -158,7 +186,8 @@ class RelayProtocol(WebSocketServerProtocol):
         if grant.can_write:
             self._envelopes = EnvelopeEncoder(grant.claims)
         if grant.can_write or factory.meta_channel is not None:
-            self._outbox = factory.outbox(self._database_failed)
+            self._outbox = factory.outbox(self)
+        factory.sockets.add(self)
         self._schedule_expiry(grant)
         self._meta_event("ConnectionOpen")
         _log.info("WebSocket from {peer} open: mode {mode}, channels {channels}", peer=self.peer,
@@ -192,8 +221,24 @@ class RelayProtocol(WebSocketServerProtocol):
         self._outbox.put([(self.factory.routing.db_channel(meta), envelope)])
 
     def write_frame(self, frame: bytes) -> None:
-        if self.state == self.STATE_OPEN:
-            self.transport.write(frame)
+        if self.state != self.STATE_OPEN:
+            return
+        transport = self.transport
+        transport.write(frame)
+        if _pending_bytes(transport) > self.factory.max_pending_bytes:
+            self._too_slow()
+
+    def _too_slow(self) -> None:
+        """
+        A reader whose TCP window stays full would grow our memory without bound and, written to
+        in the same loop as everyone else, gain nothing by waiting: it is cut off.
+        """
+        limit = self.factory.max_pending_bytes
+        _log.warn("WebSocket from {peer} closed: it reads too slowly (over {limit} bytes "
+                  "waiting)", peer=self.peer, limit=limit)
+        self.close_with(CLOSE_POLICY, f"reader too slow: over {limit} bytes waiting to be sent")
+        self._leave_channels()
+        self.dropConnection(abort=True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         grant = self.grant
@@ -226,6 +271,29 @@ class RelayProtocol(WebSocketServerProtocol):
             if audit is not None:
                 pairs.append((audit, envelope))
         self._outbox.put(pairs)
+
+    def _leave_channels(self) -> None:
+        grant = self.grant
+        if grant is not None and self._reading:
+            self._reading = False
+            for channel in grant.channels:
+                self.factory.registry.remove(channel, self)
+
+    # Outbox callbacks.
+
+    def queue_overflowed(self, count: int) -> None:
+        _log.warn("WebSocket from {peer}: database away, {count} messages not sent",
+                  peer=self.peer, count=count)
+        self.close_with(CLOSE_TRY_LATER, f"database unavailable: {plural(count, 'message')} "
+                                         "not sent")
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.state == self.STATE_OPEN:
+            self.transport.resumeProducing()
 
     def _control(self, payload: bytes) -> None:
         """A binary frame: a pgws control message, or a 1003 close."""
@@ -272,7 +340,7 @@ class RelayProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendMessage(json.dumps(message).encode("utf-8"), isBinary=True)
 
-    def _database_failed(self, why: str) -> None:
+    def database_failed(self, why: str) -> None:
         _log.error("WebSocket from {peer}: {why}", peer=self.peer, why=why)
         self.close_with(CLOSE_INTERNAL_ERROR, why)
 
@@ -285,18 +353,17 @@ class RelayProtocol(WebSocketServerProtocol):
             self.sendCloseFrame(code=code, reasonUtf8=_close_reason(reason).encode("utf-8"))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        grant = self.grant
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
-        if grant is not None and self._reading:
-            self._reading = False
-            for channel in grant.channels:
-                self.factory.registry.remove(channel, self)
+        self._leave_channels()
+        self.factory.sockets.discard(self)
         if self._opened:
             self._opened = False
             self._meta_event("ConnectionClose")
             _log.info("WebSocket from {peer} closed: {code} {reason}", peer=self.peer,
                       code=code, reason=redact(reason or ""))
+        if self._outbox is not None:
+            self._outbox.close()  # what was queued is still sent
 
 
 class RelayFactory(WebSocketServerFactory):
@@ -317,8 +384,19 @@ class RelayFactory(WebSocketServerFactory):
         clock: Callable[[], float] = time.time,
         ping_interval: float = 30,
         ping_timeout: float = 10,
+        max_connections: int = 15000,
+        max_channels: int = 100,
+        max_pending_bytes: int = 1 << 20,
+        max_queued_messages: int = 1000,
+        allowed_origins: tuple[str, ...] = ("*",),
+        database_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         super().__init__(reactor=reactor, server="pgws")
+        self.max_channels = max_channels
+        self.max_pending_bytes = max_pending_bytes
+        self.max_queued_messages = max_queued_messages
+        self.database_ready = database_ready
+        self.sockets: set[RelayProtocol] = set()
         self.verifier = verifier
         self.registry = registry
         self.pool = pool
@@ -334,11 +412,16 @@ class RelayFactory(WebSocketServerFactory):
             # The NOTIFY limit bounds what can be relayed; this bounds what is buffered first.
             maxFramePayloadSize=64 * 1024,
             maxMessagePayloadSize=64 * 1024,
+            maxConnections=max_connections,
+            allowedOrigins=list(allowed_origins),
         )
 
     async def grant_for(self, channel: str | None, token: str) -> Grant:
         claims = await self.verifier.claims(token)
         grant = authorize(claims, channel)
+        if len(grant.channels) > self.max_channels:
+            raise Refusal(403, f"the token grants {len(grant.channels)} channels; the limit is "
+                               f"{self.max_channels}")
         meta = self.meta_channel
         if meta is not None and meta in grant.channels:
             named = claims.get("channel") == meta or meta in (claims.get("channels") or ())
@@ -347,5 +430,11 @@ class RelayFactory(WebSocketServerFactory):
                                    "token that names it may open it")
         return grant
 
-    def outbox(self, on_error: Callable[[str], None]) -> Outbox:
-        return Outbox(self.pool, on_error)
+    def outbox(self, socket: RelayProtocol) -> Outbox:
+        return Outbox(self.pool, socket.database_failed, reactor=self.reactor,
+                      max_queued=self.max_queued_messages, on_overflow=socket.queue_overflowed,
+                      pause=socket.pause_reading, resume=socket.resume_reading)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for socket in list(self.sockets):
+            socket.close_with(code, reason)

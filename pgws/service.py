@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from pgws.auth import TokenVerifier
 from pgws.channels import ChannelRegistry
 from pgws.config import Config
-from pgws.database import Listener, NotifyPool, describe_dsn
+from pgws.database import Listener, NotifyPool, describe_dsn, describe_error
 from pgws.protocol import RelayFactory
 from pgws.routing import ListenChannelRouting, PerChannelRouting, Routing
 from pgws.web import RelayResource
@@ -85,6 +85,12 @@ class Relay(service.Service):
             clock=clock,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            max_connections=config.max_connections,
+            max_channels=config.max_channels,
+            max_pending_bytes=config.max_pending_bytes,
+            max_queued_messages=config.max_queued_messages,
+            allowed_origins=config.allowed_origins,
+            database_ready=lambda: self.listener.connected,
         )
         self._started: defer.Deferred[None] | None = None
         self.exit_status = 0
@@ -122,8 +128,23 @@ class Relay(service.Service):
         return self.listener.ready(self.routing.db_channel(channel))
 
     def resource(self) -> RelayResource:
-        """The C{twisted.web} resource to mount: WebSockets, plus static files if configured."""
-        return RelayResource(self.factory, self.config.server_root)
+        """
+        The C{twisted.web} resource to mount: WebSockets, C{livez}/C{readyz}, and static files if
+        configured.
+        """
+        return RelayResource(self.factory, self.config.server_root, health=self)
+
+    async def readiness(self) -> str | None:
+        """None when relaying works (LISTEN session up, a pool statement answers), else why not."""
+        if not self.listener.connected:
+            return "the LISTEN session is not connected"
+        d = self.pool.check()
+        d.addTimeout(2, self._reactor)
+        try:
+            await d
+        except Exception as e:
+            return f"the NOTIFY pool does not answer: {describe_error(e) or 'timed out'}"
+        return None
 
     def startService(self) -> None:
         super().startService()
@@ -145,8 +166,25 @@ class Relay(service.Service):
         self._started.addBoth(lambda r: (d.callback(None), r)[1])
         return d
 
-    def stopService(self) -> defer.Deferred[None] | None:
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Graceful stop: close every socket with 1001, send what clients already sent (bounded by
+        C{shutdown-timeout}), then close the database connections.
+        """
         super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        sockets = list(self.factory.sockets)
+        outboxes = [s.outbox for s in sockets if s.outbox is not None]
+        self.factory.close_all(1001, "server shutting down")
         self.listener.stop()
+        pending = defer.DeferredList([o.flushed() for o in outboxes], consumeErrors=True)
+        pending.addTimeout(self.config.shutdown_timeout, self._reactor)
+        try:
+            await pending
+        except defer.TimeoutError:
+            left = sum(len(o) for o in outboxes)
+            _log.warn("Stopping with {n} client messages not sent (shutdown-timeout)", n=left)
         self.pool.stop()
-        return None
+        _log.info("Relay stopped ({n} sockets closed)", n=len(sockets))

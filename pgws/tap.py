@@ -156,6 +156,39 @@ class _ListeningService(service.Service):
         return None
 
 
+def raise_open_files_limit() -> None:
+    """Thousands of sockets need thousands of descriptors: take the soft limit up to the hard."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        _log.info("Open-files limit raised from {soft} to {hard}", soft=soft, hard=hard)
+
+
+class _GracefulExit(service.Service):
+    """
+    SIGTERM and SIGINT stop the reactor (so every service stops gracefully) and pgws exits 0:
+    twistd's own handlers make it re-raise the signal and die by it, which supervisors read as a
+    crash.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        import signal
+
+        def stop(signum: int, frame: Any) -> None:
+            _log.info("Signal {signum}: shutting down", signum=signum)
+            self._reactor.callFromThread(self._reactor.stop)
+
+        # Installed once the reactor runs, over the handlers it installs itself.
+        self._reactor.callWhenRunning(signal.signal, signal.SIGTERM, stop)
+        self._reactor.callWhenRunning(signal.signal, signal.SIGINT, stop)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """The whole server: [embedded PostgreSQL], the relay, the listening port."""
     if reactor is None:
@@ -163,7 +196,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
         reactor = default_reactor
     config = options.config
+    raise_open_files_limit()
     top = service.MultiService()
+    _GracefulExit(reactor).setServiceParent(top)
     db_uri = config.db_uri
     if config.embedded:
         from pathlib import Path

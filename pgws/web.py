@@ -10,7 +10,9 @@ is taken relative to where it is mounted.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web import resource, server
@@ -71,12 +73,60 @@ class _StaticFiles(static.File):
         return self.childNotFound
 
 
-class RelayResource(resource.Resource):
-    """WebSocket upgrades go to pgws; other requests get static files (or 404)."""
+class Health(Protocol):
+    async def readiness(self) -> str | None:
+        """None when ready, else the reason it is not."""
 
-    def __init__(self, factory: RelayFactory, static_root: str | None = None) -> None:
+
+class _Live(resource.Resource):
+    """The process serves HTTP: that is all liveness means."""
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return b"ok\n"
+
+
+class _Ready(resource.Resource):
+    """200 when relaying works, 503 with the reason otherwise."""
+
+    isLeaf = True
+
+    def __init__(self, health: Health) -> None:
+        super().__init__()
+        self._health = health
+
+    def render_GET(self, request: server.Request) -> Any:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+
+        def answer(why: str | None) -> None:
+            if request.finished or request._disconnected:
+                return
+            if why is not None:
+                request.setResponseCode(503)
+            request.write(((why or "ready") + "\n").encode("utf-8"))
+            request.finish()
+
+        d = Deferred.fromCoroutine(self._health.readiness())
+        d.addCallback(answer)
+        d.addErrback(lambda f: answer(f"readiness check failed: {f.getErrorMessage()}"))
+        return server.NOT_DONE_YET
+
+
+class RelayResource(resource.Resource):
+    """WebSocket upgrades go to pgws; C{livez}/C{readyz} answer health checks; other requests
+    get static files (or 404)."""
+
+    def __init__(self, factory: RelayFactory, static_root: str | None = None,
+                 health: Health | None = None) -> None:
         super().__init__()
         self._websocket = _MountedWebSocketResource(factory)
+        self._health: dict[bytes, resource.Resource] = {}
+        if health is not None:
+            self._health = {b"livez": _Live(), b"readyz": _Ready(health)}
         self._static: resource.Resource | None = _StaticFiles(static_root) if static_root else None
 
     def getChildWithDefault(self, name: bytes, request: server.Request) -> resource.Resource:
@@ -84,6 +134,8 @@ class RelayResource(resource.Resource):
             # Everything from here down is the WebSocket path.
             request.postpath.insert(0, request.prepath.pop())
             return self._websocket
+        if name in self._health and not request.postpath:
+            return self._health[name]
         if self._static is None:
             return _NOT_FOUND
         return self._static.getChildWithDefault(name, request)

@@ -282,7 +282,7 @@ async def test_database_error_closes_1011_and_others_keep_working(db_uri, db: Db
             writer.send("refused by the database")
             code, reason = await wait(writer.closed)
             assert code == 1011
-            assert "permission denied" in reason and "1 notifications not sent" in reason
+            assert "permission denied" in reason and "1 message not sent" in reason
             # The server and its other sockets carry on.
             await until_listening(server, "dberr")
             db.notify("dberr", "still here")
