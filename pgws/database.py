@@ -93,13 +93,6 @@ def backoff_delays(first: float = 1.0, cap: float = 32.0) -> Iterator[float]:
         delay = min(delay * 2, cap)
 
 
-def _backoff() -> Any:
-    """1, 2, 4 ... 32 s between reconnection attempts, forever; the first one at once."""
-    return retrying.simpleBackoffIterator(
-        initialDelay=1.0, maxDelay=32.0, factor=2.0, maxRetries=0, now=True
-    )
-
-
 class _QuietConnection(Connection):
     """
     A connection whose death is reported as a one-line warning, not as the reactor's "Unhandled
@@ -197,18 +190,25 @@ class Listener:
         self._connecting = False
         self._ever_connected = False
         self._heartbeat: LoopingCall | None = None
+        self._first_attempt: defer.Deferred[None] | None = None
         self.connected = False
         self.losses = 0  # how many times the session was lost (metrics, tests)
 
     async def start(self) -> None:
-        """Connect, retrying with back-off, and LISTEN to every wanted channel."""
+        """
+        Connect and LISTEN to every wanted channel.  Returns after the first attempt, whatever
+        its outcome: later attempts go on in the background (see L{connected}).
+        """
         _log.info("Connecting the LISTEN session to {where}", where=describe_dsn(self._dsn))
         if self._check_interval > 0:
             self._heartbeat = LoopingCall(self._check)
             self._heartbeat.clock = self._reactor
             self._heartbeat.start(self._check_interval, now=False).addErrback(
                 lambda f: _log.failure("LISTEN session check failed", f))
-        await self._connect()
+        self._first_attempt = defer.Deferred()
+        connecting = defer.Deferred.fromCoroutine(self._connect())
+        connecting.addErrback(lambda f: _log.failure("LISTEN session connection failed", f))
+        await self._first_attempt
 
     def stop(self) -> None:
         self._stopped = True
@@ -241,6 +241,7 @@ class Listener:
                     why = describe_error(e)
                 if self._stopped:
                     return
+                self._attempted()
                 if (self._max_attempts and not self._ever_connected
                         and attempt >= self._max_attempts):
                     _log.error("LISTEN session: attempt {n} of {total} failed: {why}; giving up",
@@ -254,6 +255,12 @@ class Listener:
                 await deferLater(self._reactor, delay, lambda: None)
         finally:
             self._connecting = False
+            self._attempted()
+
+    def _attempted(self) -> None:
+        first = self._first_attempt
+        if first is not None and not first.called:
+            first.callback(None)
 
     async def _listen_all(self) -> None:
         self.connected = True
@@ -377,11 +384,18 @@ class Listener:
                 self._conn.resumeReading()
 
 
+def _pool_backoff() -> Any:
+    """Pool connections retry at once, then 1, 2, 4, 5, 5 ... s: queued messages are waiting."""
+    return retrying.simpleBackoffIterator(
+        initialDelay=1.0, maxDelay=5.0, factor=2.0, maxRetries=0, now=True
+    )
+
+
 class _PoolConnection(_QuietConnection):
     """A pool connection that reconnects by itself when its link dies."""
 
     def __init__(self, reactor: Any, cooperator: Any = None) -> None:
-        detector = DeadConnectionDetector(reconnectionIterator=_backoff, reactor=reactor)
+        detector = DeadConnectionDetector(reconnectionIterator=_pool_backoff, reactor=reactor)
         super().__init__(reactor=reactor, cooperator=cooperator, detector=detector)
         self.prefix = "NOTIFY pool"
 

@@ -29,7 +29,10 @@ Control messages: binary frames carry pgws's own messages, as UTF-8 JSON objects
 can never be mistaken for relayed text.  A client sends C{{"refresh": "<jwt>"}} to replace its
 token before C{exp} (the new token may not widen the socket's channels or mode); pgws answers
 C{{"refreshed": true, "exp": <exp or null>}} or C{{"refreshed": false, "reason": "..."}} and
-keeps the old token in that case.
+keeps the old token in that case.  A socket that negotiated the C{pgws} subprotocol also gets
+C{{"event": "gap", "at": <unix time>}} when the LISTEN session was lost and is back: notifications
+sent while it was down did not reach anyone.  Without the subprotocol nothing is sent (a
+seed-compatible client would take any frame for a notification).
 
 Meta channel (C{meta-channel}): each accepted socket notifies
 C{{"event": "ConnectionOpen", "channel": <meta-channel>, "payload": "<its channels, comma
@@ -53,6 +56,7 @@ The server pings every 30 seconds and drops a peer that has not answered within 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from http.client import responses
@@ -66,7 +70,7 @@ from twisted.logger import Logger
 
 from pgws.auth import Grant, Refusal, TokenVerifier, authorize
 from pgws.channelname import show_channel
-from pgws.credentials import accepted_subprotocol, locate
+from pgws.credentials import SUBPROTOCOL, accepted_subprotocol, locate
 from pgws.channels import ChannelRegistry
 from pgws.database import NotifyPool, Outbox, plural
 from pgws.envelope import NOTIFY_PAYLOAD_LIMIT, EnvelopeEncoder, envelope_size
@@ -132,6 +136,7 @@ class RelayProtocol(WebSocketServerProtocol):
     async def _connect(self, request: ConnectionRequest) -> str | None:
         try:
             # The raw request URI: Autobahn's parsed path reads "//x" as a host name.
+            self.factory.check_origin(request.headers.get("origin"))
             if not self.factory.database_ready():
                 raise Refusal(503, "the database is unavailable; try again later")
             channel, token = locate(self.http_request_uri, request.headers, request.protocols)
@@ -413,8 +418,19 @@ class RelayFactory(WebSocketServerFactory):
             maxFramePayloadSize=64 * 1024,
             maxMessagePayloadSize=64 * 1024,
             maxConnections=max_connections,
-            allowedOrigins=list(allowed_origins),
         )
+        # Checked in onConnect rather than by Autobahn, which answers a foreign origin with 400.
+        self.allowed_origins = allowed_origins
+
+    def check_origin(self, origin: str | None) -> None:
+        """
+        Browsers send C{Origin}; a page from a site not in C{allowed-origins} is refused (403).
+        Clients that send no Origin (not browsers) are not subject to it.
+        """
+        if origin is None or "*" in self.allowed_origins:
+            return
+        if not any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.allowed_origins):
+            raise Refusal(403, f"origin {show_channel(origin)} is not allowed")
 
     async def grant_for(self, channel: str | None, token: str) -> Grant:
         claims = await self.verifier.claims(token)
@@ -434,6 +450,21 @@ class RelayFactory(WebSocketServerFactory):
         return Outbox(self.pool, socket.database_failed, reactor=self.reactor,
                       max_queued=self.max_queued_messages, on_overflow=socket.queue_overflowed,
                       pause=socket.pause_reading, resume=socket.resume_reading)
+
+    def tell_gap(self) -> None:
+        """
+        The LISTEN session was lost and is back: notifications sent meanwhile are lost.  Sockets
+        that speak the C{pgws} subprotocol get a control message saying so; others get nothing,
+        since a seed-compatible client would take any frame for a notification.
+        """
+        message = json.dumps({"event": "gap", "at": self.clock()}).encode("utf-8")
+        told = 0
+        for socket in list(self.sockets):
+            if socket.grant is not None and socket.grant.can_read and \
+                    socket.websocket_protocol_in_use == SUBPROTOCOL:
+                socket.sendMessage(message, isBinary=True)
+                told += 1
+        _log.info("Told {n} sockets that notifications may have been lost", n=told)
 
     def close_all(self, code: int, reason: str) -> None:
         for socket in list(self.sockets):

@@ -72,6 +72,7 @@ class Relay(service.Service):
             # postgres-websockets gives up after `retries`; pgws's own mode keeps trying.
             max_attempts=config.retries if config.listen_channel else 0,
             gave_up=self._gave_up,
+            recovered=lambda: self.factory.tell_gap(),
         )
         self.factory = RelayFactory(
             verifier=TokenVerifier.from_config(config, reactor=reactor, clock=clock,

@@ -107,7 +107,9 @@ class _Ready(resource.Resource):
                 return
             if why is not None:
                 request.setResponseCode(503)
-            request.write(((why or "ready") + "\n").encode("utf-8"))
+            body = ((why or "ready") + "\n").encode("utf-8")
+            request.setHeader(b"content-length", str(len(body)).encode())
+            request.write(body)
             request.finish()
 
         d = Deferred.fromCoroutine(self._health.readiness())
