@@ -1,13 +1,17 @@
 """
 A request path and its token -> a L{Grant} (channels, mode, claims), or a L{Refusal} with a reason.
 
-Pure functions of their inputs and an injected clock: nothing here knows about Twisted or sockets.
+Functions of their inputs and an injected clock; the keys come from L{pgws.keys}, which may fetch
+them, so checking a token is asynchronous.  Nothing here knows about sockets.
 
 Rules (the wire protocol of pgws; see the README):
   - Paths are C{/<channel>/<jwt>} or C{/<jwt>}; the channel segment is percent-decoded (UTF-8);
     a query string is ignored.
-  - Tokens are HS256/HS384/HS512 signed with the configured secret; C{exp} and C{nbf} are enforced
-    when present.  Any problem with the token itself is a 401.
+  - Tokens are checked with the configured keys: a plain HMAC secret (HS256/HS384/HS512), a JWK or
+    a JWKS, and/or a JWKS fetched from a URL (L{pgws.keys}; the kid rules are on L{TokenVerifier}).
+    C{exp} and C{nbf} are enforced when present, with the configured leeway; C{aud} and C{iss}
+    only when they are configured.  Any problem with the token itself, or with getting its keys,
+    is a 401.
   - C{mode} must be C{r}, C{w} or C{rw}.  A string C{channel} claim replaces the URL's channel.
     A C{channels} list limits the connection to those channels; with no channel requested it
     grants all of them.  A token with neither claim opens the requested channel, and is refused
@@ -25,12 +29,22 @@ from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 
 from pgws.channelname import ChannelNameError, check_channel_name, show_channel
+from pgws.config import ConfigError, decode_secret
+from pgws.keys import (
+    HMAC_ALGORITHMS,
+    Key,
+    KeySet,
+    KeySetError,
+    KeySource,
+    KeysUnavailable,
+    RemoteKeys,
+    local_keys,
+)
 
 __all__ = ["Grant", "Refusal", "TokenVerifier", "split_path", "authorize", "HMAC_ALGORITHMS"]
-
-HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 
 # The longest token we try to parse; a bigger one is refused before any base64 or JSON work.
 MAX_TOKEN_BYTES = 16 * 1024
@@ -95,20 +109,76 @@ def split_path(path: str) -> tuple[str | None, str]:
 
 class TokenVerifier:
     """
-    Checks a token's signature with the configured HMAC secret, then its time claims against an
-    injected clock (so expiry is testable without sleeping).
+    Checks a token's signature with the configured keys (see L{pgws.keys} for where they come from),
+    then its time claims against an injected clock (so expiry is testable without sleeping), then
+    the audience and issuer when they are configured.
+
+    Which key checks a token (the kid rules):
+      - The local keys (C{jwt-secret}) and the fetched ones (C{jwt-jwks-url}) form one key set; a
+        kid is looked up in the local keys first, then in the fetched set.
+      - A token with a kid uses the keys with that kid.  When the fetched set lacks it, the set is
+        re-fetched (at most once per 30 s) and looked up again.  Otherwise, if the whole key set is
+        one key without a kid (e.g. a plain HMAC secret), that key is used: the token's kid is ignored.
+        Otherwise: 401 C{JWT kid "x" is not in the key set}.
+      - A token without a kid uses the plain HMAC secret when there is one, else the only key of
+        the key set; with more keys: 401 C{JWT has no kid; the key set needs one}.
+      - The token's C{alg} must be one of the chosen key's algorithms, else a 401 that names them.
     """
 
-    def __init__(self, secret: bytes, clock: Callable[[], float] = time.time) -> None:
-        self._secret = secret
+    def __init__(
+        self,
+        keys: bytes | KeySource | None,
+        clock: Callable[[], float] = time.time,
+        *,
+        remote: RemoteKeys | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 0,
+    ) -> None:
+        if isinstance(keys, (bytes, bytearray)):
+            keys = local_keys(bytes(keys), clock=clock)
+        if keys is None and remote is None:
+            raise ValueError("a TokenVerifier needs keys: a secret, a key set or a JWKS URL")
+        self._local = keys
+        self._remote = remote
         self._clock = clock
+        self._audience = audience
+        self._issuer = issuer
+        self._leeway = leeway
 
     @classmethod
     def from_config(cls, config: Any, reactor: Any = None, clock: Callable[[], float] = time.time,
                     https_policy: Any = None) -> TokenVerifier:
-        """The verifier the configuration asks for (the keys, audience, issuer and leeway)."""
-        assert config.jwt_secret is not None
-        return cls(config.jwt_secret, clock=clock)
+        """
+        The verifier the configuration asks for (the keys, audience, issuer and leeway).  Keys that
+        cannot be used are a L{ConfigError} naming C{jwt-secret}.
+        """
+        local: KeySource | None = None
+        if config.jwt_secret is not None:
+
+            def decode(text: str) -> bytes:  # a key file's new text, read as the config reads it
+                try:
+                    return decode_secret(text, config.secret_is_base64)
+                except ConfigError as e:
+                    raise KeySetError(str(e)) from None
+
+            try:
+                local = local_keys(config.jwt_secret, path=config.jwt_secret_file, clock=clock,
+                                   decode=decode)
+            except KeySetError as e:
+                raise ConfigError(f'"jwt-secret": {e}') from None
+        remote: RemoteKeys | None = None
+        if config.jwt_jwks_url:
+            if reactor is None:
+                from twisted.internet import reactor as default_reactor
+
+                reactor = default_reactor
+            try:
+                remote = RemoteKeys(config.jwt_jwks_url, reactor, clock=clock, https_policy=https_policy)
+            except KeySetError as e:
+                raise ConfigError(f'"jwt-jwks-url": {e}') from None
+        return cls(local, clock, remote=remote, audience=config.jwt_aud, issuer=config.jwt_iss,
+                   leeway=config.jwt_leeway)
 
     def __repr__(self) -> str:
         return "<TokenVerifier>"
@@ -122,33 +192,84 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise Refusal(401, "JWT is malformed") from None
         alg = header.get("alg")
-        if alg not in HMAC_ALGORITHMS:
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):  # pyjwt refuses these already
+            raise Refusal(401, "JWT is malformed")
+        candidates = await self._keys_for(kid)
+        usable = [key for key in candidates if alg in key.verifiers]
+        if not usable:
+            accepted = dict.fromkeys(a for key in candidates for a in key.algorithms)
             raise Refusal(401, f"JWT algorithm {show_channel(str(alg))} is not accepted; "
-                               f"use one of {', '.join(HMAC_ALGORITHMS)}")
-        try:
-            with warnings.catch_warnings():
-                # A short secret is reported once at start-up, not on every handshake.
-                warnings.simplefilter("ignore")
-                claims = jwt.decode(
-                    token,
-                    self._secret,
-                    algorithms=list(HMAC_ALGORITHMS),
-                    options={
-                        "verify_exp": False,  # checked below against the injected clock
-                        "verify_nbf": False,
-                        "verify_iat": False,  # the original never checked iat
-                        "verify_aud": False,  # audiences are not configured (yet)
-                        "verify_iss": False,
-                    },
-                )
-        except jwt.InvalidSignatureError:
-            raise Refusal(401, "JWT signature is invalid") from None
-        except jwt.PyJWTError:
-            raise Refusal(401, "JWT is malformed") from None
-        if not isinstance(claims, dict):
-            raise Refusal(401, "JWT payload is not a JSON object")
+                               f"use one of {', '.join(accepted)}")
+        claims = self._decode(token, str(alg), usable)
         self._check_times(claims)
+        self._check_audience_and_issuer(claims)
         return claims
+
+    async def _keys_for(self, kid: str | None) -> list[Key]:
+        """The keys the token's kid selects (the rules in the class docstring), or a 401."""
+        local = self._local.current() if self._local is not None else None
+        if kid is None:
+            if local is not None and local.plain is not None:
+                return [local.plain]
+            fetched = (await self._remote_keys()).keys if self._remote is not None else ()
+            every = [*(local.keys if local is not None else ()), *fetched]
+            if len(every) == 1:
+                return every
+            raise Refusal(401, "JWT has no kid; the key set needs one")
+        found = local.find(kid) if local is not None else []
+        if not found and self._remote is not None:
+            found = (await self._remote_keys()).find(kid)
+            if not found:
+                found = (await self._remote_keys(unknown_kid=True)).find(kid)
+        if found:
+            return found
+        cached = self._remote.cached if self._remote is not None else None
+        every = [*(local.keys if local is not None else ()), *(cached.keys if cached is not None else ())]
+        if len(every) == 1 and every[0].kid is None:
+            return every
+        raise Refusal(401, f"JWT kid {show_channel(kid)} is not in the key set")
+
+    async def _remote_keys(self, unknown_kid: bool = False) -> KeySet:
+        assert self._remote is not None
+        try:
+            if unknown_kid:
+                return await self._remote.keys_for_unknown_kid()
+            return await self._remote.keys()
+        except KeysUnavailable as e:
+            raise Refusal(401, f"JWT keys are not available: {e}") from None
+
+    def _decode(self, token: str, alg: str, keys: list[Key]) -> dict[str, Any]:
+        """Signature check by pyjwt, with each key bound to the one algorithm it is used with."""
+        for index, key in enumerate(keys):
+            try:
+                with warnings.catch_warnings():
+                    # A short key is reported once when it is loaded, not on every handshake.
+                    warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+                    claims = jwt.decode(
+                        token,
+                        key.verifiers[alg],
+                        algorithms=[alg],
+                        options={
+                            "verify_exp": False,  # checked below against the injected clock
+                            "verify_nbf": False,
+                            "verify_iat": False,  # the original never checked iat
+                            "verify_aud": False,  # checked below, only when configured
+                            "verify_iss": False,
+                            "verify_sub": False,  # claims pgws does not use are not judged
+                            "verify_jti": False,
+                        },
+                    )
+            except jwt.InvalidSignatureError:
+                if index + 1 < len(keys):
+                    continue  # two keys share this kid: try the next one
+                raise Refusal(401, "JWT signature is invalid") from None
+            except jwt.PyJWTError:
+                raise Refusal(401, "JWT is malformed") from None
+            if not isinstance(claims, dict):
+                raise Refusal(401, "JWT payload is not a JSON object")
+            return claims
+        raise AssertionError("no key to decode with")  # the caller passes at least one
 
     def _check_times(self, claims: Mapping[str, Any]) -> None:
         now = self._clock()
@@ -156,10 +277,19 @@ class TokenVerifier:
             value = claims.get(name)
             if name in claims and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise Refusal(401, f"JWT claim {name} must be a number")
-        if "exp" in claims and now >= claims["exp"]:
+        if "exp" in claims and now >= claims["exp"] + self._leeway:
             raise Refusal(401, "JWT expired")
-        if "nbf" in claims and now < claims["nbf"]:
+        if "nbf" in claims and now < claims["nbf"] - self._leeway:
             raise Refusal(401, "JWT not yet valid")
+
+    def _check_audience_and_issuer(self, claims: Mapping[str, Any]) -> None:
+        if self._audience is not None:
+            aud = claims.get("aud")
+            audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+            if self._audience not in [a for a in audiences if isinstance(a, str)]:
+                raise Refusal(401, "JWT audience is not accepted")
+        if self._issuer is not None and claims.get("iss") != self._issuer:
+            raise Refusal(401, "JWT issuer is not accepted")
 
 
 def authorize(claims: Mapping[str, Any], requested: str | None) -> Grant:

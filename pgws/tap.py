@@ -209,7 +209,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         )
         _EmbeddedPostgresService(launcher).setServiceParent(top)
         db_uri = launcher.uri
-    relay = Relay(config, reactor=reactor, db_uri=db_uri)
+    try:
+        relay = Relay(config, reactor=reactor, db_uri=db_uri)
+    except ConfigError as e:  # the keys are parsed here (JWK/JWKS)
+        _fail(str(e), EXIT_CONFIG)
     relay.setServiceParent(top)
 
     def exit_status() -> None:
