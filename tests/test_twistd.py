@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -91,8 +92,9 @@ class Twistd:
         out, err = self.proc.communicate()
         pytest.fail(f"twistd did not start: {err}\n{self.text()}")
 
-    async def terminate(self, timeout: float = 20) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    async def terminate(self, timeout: float = 20, signal_it: bool = True) -> int:
+        if signal_it:
+            self.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:
             await sleep(0.1)
@@ -253,3 +255,35 @@ async def test_postgres_websockets_sample_env_starts_pgws(db_uri, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_closes_sockets_1001_flushes_and_exits_0(db_uri, tmp_path):
+    from support import Db
+
+    db = Db(db_uri)
+    db.listen("bye")
+    server = Twistd(tmp_path, "--db-uri", db_uri, "--port", "0", "--server-host", "127.0.0.1",
+                    "--db-pool", "1", env={"PGWS_JWT_SECRET": SECRET})
+    try:
+        port = await server.listening()
+        limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
+        soft, hard = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits).groups()
+        assert soft == hard  # raised at start-up
+        writer = await ws_connect(port, "/bye/" + token({"mode": "w"}))
+        for i in range(2000):
+            writer.send(str(i))
+        first = await db.received(1)
+        assert first
+        server.proc.send_signal(signal.SIGTERM)
+        code, reason = await writer.closed
+        assert (code, reason) == (1001, "server shutting down")
+        assert await server.terminate(timeout=20, signal_it=False) == 0
+        got = first + await db.received(2000, timeout=3)
+        numbers = [int(json.loads(p)["payload"]) for _, p in got]
+        assert numbers == list(range(len(numbers)))  # a prefix, in order, no gap
+        assert "Relay stopped" in server.text()
+    finally:
+        db.close()
+        if server.proc.poll() is None:
+            server.proc.kill()
