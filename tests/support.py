@@ -94,14 +94,15 @@ class Client:
 
 
 async def ws_connect(port: int, path: str, headers: dict[str, str] | None = None,
-                     trust_pem: bytes | None = None) -> Client:
+                     trust_pem: bytes | None = None, protocols: list[str] | None = None) -> Client:
     """
     Open a WebSocket to 127.0.0.1:port + path and wait until it is open; with C{trust_pem},
     over TLS (wss://) trusting that certificate.
     """
     client = Client()
     scheme = "wss" if trust_pem else "ws"
-    factory = WebSocketClientFactory(f"{scheme}://localhost:{port}{path}", headers=headers or {})
+    factory = WebSocketClientFactory(f"{scheme}://localhost:{port}{path}", headers=headers or {},
+                                     protocols=protocols or [])
     factory.protocol = _ClientProtocol
     factory.client = client  # type: ignore[attr-defined]
     endpoint: Any

@@ -98,7 +98,8 @@ async def test_killed_listen_session_recovers_while_messages_flow(db_uri, db: Db
     try:
         readers = {ch: await ws_connect(server.port, f"/{ch}/" + token({"mode": "r"}),
                                         headers=None) for ch in ("k1", "k2", "k3")}
-        gap_reader = await connect_with_subprotocol(server.port, "/k1/" + token({"mode": "r"}))
+        gap_reader = await ws_connect(server.port, "/k1/" + token({"mode": "r"}),
+                                      protocols=["pgws"])
         assert sorted(await server.listening_channels()) == ["k1", "k2", "k3"]
         db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                    "WHERE application_name = 'pgws listener'")
@@ -124,20 +125,6 @@ async def test_killed_listen_session_recovers_while_messages_flow(db_uri, db: Db
         print(f"LISTEN session recovered {recovery:.2f} s after pg_terminate_backend")
     finally:
         await server.stop()
-
-
-async def connect_with_subprotocol(port: int, path: str):
-    from autobahn.twisted.websocket import WebSocketClientFactory
-
-    from support import Client, _ClientProtocol
-
-    client = Client()
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=["pgws"])
-    factory.protocol = _ClientProtocol
-    factory.client = client
-    await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory))
-    await wait(client.opened)
-    return client
 
 
 @pytest_twisted.ensureDeferred

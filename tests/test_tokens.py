@@ -6,13 +6,12 @@ import json
 import time
 
 import pytest_twisted
-from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent, globalLogPublisher
 
-from support import (Client, Db, _ClientProtocol, _Raw, handshake, http_request, sleep,
-                     start_server, token, upgrade_request, wait)
+from support import (Client, Db, _Raw, handshake, http_request, sleep, start_server, token,
+                     upgrade_request, wait, ws_connect)
 
 
 @pytest_twisted.async_yield_fixture
@@ -22,21 +21,10 @@ async def server(db_uri):
     await s.stop()
 
 
-async def connect(port: int, path: str, protocols=None, headers=None) -> Client:
-    client = Client()
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=protocols or [],
-                                     headers=headers or {})
-    factory.protocol = _ClientProtocol
-    factory.client = client
-    await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory))
-    await wait(client.opened)
-    return client
-
-
 @pytest_twisted.ensureDeferred
 async def test_token_in_subprotocol_is_accepted_and_not_echoed(server, db: Db):
     jwt_text = token({"mode": "r"})
-    client = await connect(server.port, "/sub", protocols=["pgws", "pgws.bearer." + jwt_text])
+    client = await ws_connect(server.port, "/sub", protocols=["pgws", "pgws.bearer." + jwt_text])
     assert client.proto.websocket_protocol_in_use == "pgws"
     db.notify("sub", "via subprotocol")
     assert await client.next() == "via subprotocol"
@@ -61,7 +49,7 @@ async def test_subprotocol_answer_never_contains_the_token(server):
 
 @pytest_twisted.ensureDeferred
 async def test_authorization_bearer_header(server, db: Db):
-    client = await connect(server.port, "/hdr",
+    client = await ws_connect(server.port, "/hdr",
                            headers={"Authorization": "Bearer " + token({"mode": "r"})})
     db.notify("hdr", "via header")
     assert await client.next() == "via header"
@@ -69,7 +57,7 @@ async def test_authorization_bearer_header(server, db: Db):
 
 @pytest_twisted.ensureDeferred
 async def test_header_token_with_channel_in_the_token_and_root_path(server, db: Db):
-    client = await connect(server.port, "/",
+    client = await ws_connect(server.port, "/",
                            headers={"Authorization": "Bearer " + token({"mode": "r", "channel": "c"})})
     db.notify("c", "root path")
     assert await client.next() == "root path"
@@ -111,7 +99,7 @@ async def refresh(client: Client, jwt_text: str) -> dict:
 @pytest_twisted.ensureDeferred
 async def test_refresh_extends_an_expiring_connection(server):
     soon = time.time() + 1.5
-    client = await connect(server.port, "/r/" + token({"mode": "r", "exp": soon}))
+    client = await ws_connect(server.port, "/r/" + token({"mode": "r", "exp": soon}))
     later = time.time() + 3600
     assert await refresh(client, token({"mode": "r", "exp": later})) == {"refreshed": True,
                                                                          "exp": later}
@@ -122,7 +110,7 @@ async def test_refresh_extends_an_expiring_connection(server):
 @pytest_twisted.ensureDeferred
 async def test_refresh_may_not_widen_mode_or_channels(server):
     soon = time.time() + 2
-    client = await connect(server.port, "/" + token({"mode": "r", "channels": ["a"], "exp": soon}))
+    client = await ws_connect(server.port, "/" + token({"mode": "r", "channels": ["a"], "exp": soon}))
     wider_mode = await refresh(client, token({"mode": "rw", "channels": ["a"]}))
     assert wider_mode == {"refreshed": False,
                           "reason": 'the new token\'s mode "rw" is wider than "r"'}
@@ -138,7 +126,7 @@ async def test_refresh_may_not_widen_mode_or_channels(server):
 @pytest_twisted.ensureDeferred
 async def test_refreshed_claims_go_into_later_envelopes(server, db: Db):
     db.listen("rc")
-    client = await connect(server.port, "/rc/" + token({"mode": "w", "v": 1}))
+    client = await ws_connect(server.port, "/rc/" + token({"mode": "w", "v": 1}))
     assert (await refresh(client, token({"mode": "w", "v": 2})))["refreshed"] is True
     client.send("after refresh")
     [(_, raw)] = await db.received(1)
@@ -147,7 +135,7 @@ async def test_refreshed_claims_go_into_later_envelopes(server, db: Db):
 
 @pytest_twisted.ensureDeferred
 async def test_other_binary_frames_close_1003(server):
-    client = await connect(server.port, "/b/" + token({"mode": "rw"}))
+    client = await ws_connect(server.port, "/b/" + token({"mode": "rw"}))
     client.proto.sendMessage(b'{"not": "a control message"}', isBinary=True)
     code, reason = await wait(client.closed)
     assert code == 1003
