@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from txpostgres import retrying
 from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 from txpostgres.txpostgres import Connection, ConnectionPool
@@ -300,12 +301,12 @@ class Listener:
         """A cheap query that must answer in time, or the session counts as dead."""
         if not self.connected or self._connecting:
             return
-        d = self._conn.runQuery("SELECT 1")
-        d.addTimeout(self._check_interval, self._reactor)
+        conn = self._conn
         try:
-            await d
+            await within(conn.runQuery("SELECT 1"), self._check_interval, self._reactor)
         except Exception as e:
-            self._lost(f"check failed: {describe_error(e) or 'no answer in time'}")
+            if conn is self._conn:
+                self._lost(f"check failed: {describe_error(e)}")
 
     async def listening_channels(self) -> list[str]:
         """What PostgreSQL says this session LISTENs to (for tests and health checks)."""
@@ -442,6 +443,31 @@ class NotifyPool:
             "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)",
             (channels, payloads),
         )
+
+
+def within(d: defer.Deferred[Any], seconds: float, reactor: Any) -> defer.Deferred[Any]:
+    """
+    C{d}'s result, or a C{TimeoutError} after C{seconds} -- without cancelling C{d}.  Cancelling a
+    txpostgres query calls psycopg2's C{cancel()}, which blocks while it connects to the server
+    and leaves the query's Deferred unfired: a stuck query is abandoned instead, with its
+    connection.
+    """
+    out: defer.Deferred[Any] = defer.Deferred()
+
+    def expire() -> None:
+        if not out.called:
+            out.errback(defer.TimeoutError(f"no answer within {seconds:g} s"))
+
+    timer = reactor.callLater(seconds, expire)
+
+    def settle(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            out.callback(result) if not isinstance(result, Failure) else out.errback(result)
+
+    d.addBoth(settle)
+    return out
 
 
 def plural(count: int, noun: str) -> str:

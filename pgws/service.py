@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from pgws.auth import TokenVerifier
 from pgws.channels import ChannelRegistry
 from pgws.config import Config
-from pgws.database import Listener, NotifyPool, describe_dsn, describe_error
+from pgws.database import Listener, NotifyPool, describe_dsn, describe_error, within
 from pgws.protocol import RelayFactory
 from pgws.routing import ListenChannelRouting, PerChannelRouting, Routing
 from pgws.web import RelayResource
@@ -139,10 +139,8 @@ class Relay(service.Service):
         """None when relaying works (LISTEN session up, a pool statement answers), else why not."""
         if not self.listener.connected:
             return "the LISTEN session is not connected"
-        d = self.pool.check()
-        d.addTimeout(2, self._reactor)
         try:
-            await d
+            await within(self.pool.check(), 2, self._reactor)
         except Exception as e:
             return f"the NOTIFY pool does not answer: {describe_error(e) or 'timed out'}"
         return None

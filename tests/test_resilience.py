@@ -309,3 +309,35 @@ async def test_allowed_origins(db_uri):
         good.transport.loseConnection()
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_listen_session_is_noticed_by_the_check(db_uri, db: Db):
+    import os
+    import signal
+
+    # A backend that stops answering without closing its socket: only the check can notice.
+    server = await start_server(db_uri, check_listener_interval=500)
+    frozen = None
+    try:
+        reader = await ws_connect(server.port, "/frozen/" + token({"mode": "r"}))
+        [(frozen,)] = db.execute("SELECT pid FROM pg_stat_activity WHERE application_name = "
+                                 "'pgws listener' AND pid <> pg_backend_pid() "
+                                 "ORDER BY backend_start DESC LIMIT 1")
+        os.kill(frozen, signal.SIGSTOP)
+        listener = server.relay.listener
+        started = time.monotonic()
+
+        async def replaced():
+            return listener.losses >= 1 and listener.connected
+
+        assert await eventually(replaced, timeout=30), "the frozen session was not replaced"
+        noticed = time.monotonic() - started
+        db.notify("frozen", "new session")
+        assert await reader.next() == "new session"
+        print(f"frozen LISTEN session replaced after {noticed:.1f} s (check every 0.5 s)")
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGCONT)
+            db.execute("SELECT pg_terminate_backend(%s)", (frozen,))
+        await server.stop()

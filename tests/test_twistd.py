@@ -42,6 +42,9 @@ def test_plugin_is_found_by_twistd():
     (["--db-uri", "x", "--port", "abc"], {"PGWS_JWT_SECRET": SECRET}, '"server-port"'),
     (["--db-uri", "x"], {}, '"jwt-secret" is required'),
     (["--db-uri", "x", "--jwt-secret", "@/nonexistent"], {}, '"jwt-secret": cannot read'),
+    (["--db-uri", "x", "--server-host", "203.0.113.9", "--port", "0"], {"PGWS_JWT_SECRET": SECRET},
+     '"server-port": cannot listen on 203.0.113.9'),
+    (["--db-uri", "x"], {"PGWS_JWT_SECRET": '{"kty": "oct"}'}, '"jwt-secret"'),
 ])
 def test_start_up_errors_are_one_line_without_traceback(args, env, fragment):
     result = run_twistd(*args, env={k: v for k, v in env.items()})
