@@ -32,6 +32,7 @@ setup(
             "hypothesis==6.155.2",
             "playwright==1.65.2",
             "ruff==0.17.6",
+            "mypy==2.4.1",
         ],
     },
 )

@@ -269,23 +269,20 @@ def load_config(
     @param cli: values given on the command line, by key or alias (unset ones absent or None).
     """
     values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
-    sources: dict[str, str] = {s.key: "default" for s in SETTINGS}
     if file is not None:
         for key, value in read_config_file(file, environ).items():
-            values[key], sources[key] = value, file
+            values[key] = value
     for setting in SETTINGS:
         for name in reversed(env_names(setting)):  # the canonical name wins over an alias
             if name in environ:
                 values[setting.key] = _convert(setting, environ[name], name)
-                sources[setting.key] = name
     for name, value in cli.items():
         if value is None:
             continue
-        setting = _BY_NAME.get(name)
-        if setting is None:
+        given = _BY_NAME.get(name)
+        if given is None:
             raise ConfigError(f'unknown option "--{name}"')
-        values[setting.key] = _convert(setting, value, f"--{name}")
-        sources[setting.key] = f"--{name}"
+        values[given.key] = _convert(given, value, f"--{name}")
 
     for setting in SETTINGS:
         if setting.required and values[setting.key] in (None, ""):

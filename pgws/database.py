@@ -336,12 +336,7 @@ class Listener:
         it fires at once (reconnection re-LISTENs later).
         """
         inflight = self._inflight.get(channel)
-        d: defer.Deferred[None] = defer.Deferred()
-        if inflight is None:
-            d.callback(None)
-        else:
-            inflight.addBoth(lambda result: (d.callback(None), result)[1])
-        return d
+        return defer.succeed(None) if inflight is None else fired(inflight)
 
     def unlisten(self, channel: str) -> None:
         self._wanted.discard(channel)
@@ -445,6 +440,19 @@ class NotifyPool:
         )
 
 
+def fired(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+    """A new Deferred that fires (with None, never failing) once C{d} has fired; C{d}'s own
+    callback chain is left as it was."""
+    out: defer.Deferred[None] = defer.Deferred()
+
+    def passthrough(result: Any) -> Any:
+        out.callback(None)
+        return result
+
+    d.addBoth(passthrough)
+    return out
+
+
 def within(d: defer.Deferred[Any], seconds: float, reactor: Any) -> defer.Deferred[Any]:
     """
     C{d}'s result, or a C{TimeoutError} after C{seconds} -- without cancelling C{d}.  Cancelling a
@@ -463,8 +471,12 @@ def within(d: defer.Deferred[Any], seconds: float, reactor: Any) -> defer.Deferr
     def settle(result: Any) -> None:
         if timer.active():
             timer.cancel()
-        if not out.called:
-            out.callback(result) if not isinstance(result, Failure) else out.errback(result)
+        if out.called:
+            return
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
 
     d.addBoth(settle)
     return out

@@ -130,7 +130,7 @@ class RelayProtocol(WebSocketServerProtocol):
 
     # -- opening handshake ---------------------------------------------------------------------
 
-    def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:
+    def onConnect(self, request: ConnectionRequest) -> Any:  # Autobahn also takes a Deferred
         return Deferred.fromCoroutine(self._connect(request))
 
     async def _connect(self, request: ConnectionRequest) -> str | None:
@@ -228,7 +228,7 @@ class RelayProtocol(WebSocketServerProtocol):
     def write_frame(self, frame: bytes) -> None:
         if self.state != self.STATE_OPEN:
             return
-        transport = self.transport
+        transport: Any = self.transport
         transport.write(frame)
         if _pending_bytes(transport) > self.factory.max_pending_bytes:
             self._too_slow()
@@ -374,7 +374,7 @@ class RelayProtocol(WebSocketServerProtocol):
 class RelayFactory(WebSocketServerFactory):
     """Everything a socket needs: the token verifier, the channel registry and the NOTIFY pool."""
 
-    protocol = RelayProtocol
+    protocol = RelayProtocol  # type: ignore[assignment]  # Twisted's stub is narrower
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from pgws.auth import TokenVerifier
 from pgws.channels import ChannelRegistry
 from pgws.config import Config
-from pgws.database import Listener, NotifyPool, describe_dsn, describe_error, within
+from pgws.database import Listener, NotifyPool, describe_dsn, describe_error, fired, within
 from pgws.protocol import RelayFactory
 from pgws.routing import ListenChannelRouting, PerChannelRouting, Routing
 from pgws.web import RelayResource
@@ -159,11 +159,7 @@ class Relay(service.Service):
 
     def whenReady(self) -> defer.Deferred[None]:
         """Fires once the first connection attempts are over (for tests and start-up order)."""
-        if self._started is None:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._started.addBoth(lambda r: (d.callback(None), r)[1])
-        return d
+        return defer.succeed(None) if self._started is None else fired(self._started)
 
     def stopService(self) -> defer.Deferred[None]:
         """

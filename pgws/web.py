@@ -45,7 +45,7 @@ class _MountedWebSocketResource(WebSocketResource):
         # (decoding is pgws's job, and a decoded space would break the replayed request line).
         path, sep, query = request.uri.partition(b"?")
         raw = path.split(b"/")
-        count = len(request.postpath)
+        count = len(request.postpath or ())
         below = b"/" + b"/".join(raw[len(raw) - count:] if count else [])
         request.uri = below + sep + query
         return super().render(request)
@@ -66,8 +66,8 @@ _NOT_FOUND = _NotFound()
 class _StaticFiles(static.File):
     """Files below the root only; no directory listings; plain-text 404s."""
 
-    childNotFound = _NOT_FOUND
-    forbidden = _NOT_FOUND
+    childNotFound = _NOT_FOUND  # type: ignore[assignment]
+    forbidden = _NOT_FOUND  # type: ignore[assignment]
 
     def directoryListing(self) -> resource.Resource:
         return self.childNotFound
@@ -134,8 +134,9 @@ class RelayResource(resource.Resource):
     def getChildWithDefault(self, name: bytes, request: server.Request) -> resource.Resource:
         if _is_websocket(request):
             # Everything from here down is the WebSocket path.
+            assert request.postpath is not None and request.prepath is not None
             request.postpath.insert(0, request.prepath.pop())
-            return self._websocket
+            return self._websocket  # type: ignore[return-value]  # Autobahn's is an IResource
         if name in self._health and not request.postpath:
             return self._health[name]
         if self._static is None:
