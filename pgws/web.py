@@ -159,6 +159,10 @@ def access_log_line(timestamp: str, request: server.Request) -> str:
 
 
 def make_site(root: resource.Resource, **kwargs: Any) -> server.Site:
-    site = server.Site(root, logFormatter=access_log_line, **kwargs)
-    return site
+    """
+    A Site for pgws's resource: its access log hides tokens, and an HTTP connection idle for 10 s
+    (one that never finishes its handshake, or a finished keep-alive) is closed.
+    """
+    kwargs.setdefault("timeout", 10)
+    return server.Site(root, logFormatter=access_log_line, **kwargs)
 
