@@ -116,17 +116,17 @@ class RelayProtocol(WebSocketServerProtocol):
     factory: RelayFactory
     grant: Grant | None = None
     _outbox: Outbox | None = None
-
-    @property
-    def outbox(self) -> Outbox | None:
-        return self._outbox
-
     _envelopes: EnvelopeEncoder | None = None
     _reading = False
     _ignored_reported = False
     _expiry: Any = None
     _opened = False
     _requested: str | None = None  # the channel the opening request asked for
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """This socket's messages on their way to PostgreSQL (None for a read-only socket)."""
+        return self._outbox
 
     # -- opening handshake ---------------------------------------------------------------------
 
