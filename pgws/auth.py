@@ -20,6 +20,7 @@ Rules (the wire protocol of pgws; see the README):
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -47,7 +48,9 @@ from pgws.keys import (
 __all__ = ["Grant", "Refusal", "TokenVerifier", "split_path", "authorize", "HMAC_ALGORITHMS"]
 
 # The longest token we try to parse; a bigger one is refused before any base64 or JSON work.
-MAX_TOKEN_BYTES = 16 * 1024
+# Its claims travel in every envelope, which must stay under PostgreSQL's 8000-byte NOTIFY limit,
+# so a longer token could never write anyway.
+MAX_TOKEN_BYTES = 8 * 1024
 MODES = ("r", "w", "rw")
 
 
@@ -275,7 +278,9 @@ class TokenVerifier:
         now = self._clock()
         for name in ("exp", "nbf"):
             value = claims.get(name)
-            if name in claims and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            # NaN and Infinity parse as JSON numbers in Python: a NaN exp would never expire.
+            if name in claims and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                   or (isinstance(value, float) and not math.isfinite(value))):
                 raise Refusal(401, f"JWT claim {name} must be a number")
         if "exp" in claims and now >= claims["exp"] + self._leeway:
             raise Refusal(401, "JWT expired")

@@ -25,6 +25,8 @@ def show_channel(name: str) -> str:
     (CR, LF, NUL) out of HTTP reason lines and logs while leaving ordinary Unicode readable.
     """
     text = json.dumps(name, ensure_ascii=False)
+    # A lone surrogate (from a JSON "\ud800" escape) cannot be written as UTF-8: escape it.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= 80 else text[:76] + '..."'
 
 

@@ -164,9 +164,10 @@ class RelayProtocol(WebSocketServerProtocol):
         Autobahn answers a refused handshake with a status line only; clients and people need the
         reason in the body.  The reason may quote user input, so it is kept to one line.
         """
-        self.wasNotCleanReason = reason
         line = " ".join(str(reason).splitlines())
-        body = (line + "\n").encode("utf-8")
+        # Autobahn logs this when it drops the connection: it may quote the request URI.
+        self.wasNotCleanReason = redact(line)
+        body = (line + "\n").encode("utf-8", "backslashreplace")
         head = [
             f"HTTP/1.1 {code} {responses.get(code, 'Error')}",
             "Content-Type: text/plain; charset=utf-8",
@@ -205,7 +206,10 @@ class RelayProtocol(WebSocketServerProtocol):
         self._expiry = None
         exp = grant.claims.get("exp")
         if isinstance(exp, (int, float)) and not isinstance(exp, bool):
-            delay = max(0.0, exp - self.factory.clock())
+            try:
+                delay = max(0.0, float(exp) - self.factory.clock())
+            except OverflowError:  # an exp past what a float holds: never within this process
+                return
             self._expiry = self.factory.reactor.callLater(delay, self._expired)
 
     def _expired(self) -> None:
@@ -418,6 +422,8 @@ class RelayFactory(WebSocketServerFactory):
             maxFramePayloadSize=64 * 1024,
             maxMessagePayloadSize=64 * 1024,
             maxConnections=max_connections,
+            # Send the close frame (1007, 1009 ...) before dropping, so clients see why.
+            failByDrop=False,
         )
         # Checked in onConnect rather than by Autobahn, which answers a foreign origin with 400.
         self.allowed_origins = allowed_origins

@@ -10,12 +10,14 @@ import re
 __all__ = ["redact"]
 
 _JWT = re.compile(r"[A-Za-z0-9_\-=%]+\.[A-Za-z0-9_\-=%]+\.[A-Za-z0-9_\-=%]*")
-_LONG = re.compile(r"[A-Za-z0-9_\-=%+]{40,}")
+# A JWT's header is base64 of '{"...', so it starts with "eyJ"; a cut-off token still does.
+_JWT_START = re.compile(r"eyJ[A-Za-z0-9_\-=%.+/]*")
+_LONG = re.compile(r"[A-Za-z0-9_\-=%+]{32,}")
 
 
 def redact(text: str) -> str:
     """C{text} with every token-like run replaced by C{<token>}."""
-    return _LONG.sub("<token>", _JWT.sub("<token>", text))
+    return _LONG.sub("<token>", _JWT_START.sub("<token>", _JWT.sub("<token>", text)))
 
 
 def redact_path(path: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from pgws.protocol import RelayFactory
 from pgws.redact import redact_path
@@ -158,11 +158,62 @@ def access_log_line(timestamp: str, request: server.Request) -> str:
     return f'{host} - - {timestamp} "{method} {path}" {request.code} {request.sentLength or "-"}'
 
 
+# A request's line and headers must be complete this long after the connection opened.
+REQUEST_DEADLINE = 10.0
+
+
+class _Channel(http.HTTPChannel):
+    """
+    twisted.web's HTTP connection, with two answers it lacks: a line over its 16 KiB limit gets a
+    one-line 431 instead of a silent close, and a request whose headers are not complete within
+    L{REQUEST_DEADLINE} seconds is dropped (the idle timeout alone restarts on every byte, so a
+    trickling client could hold the socket for ever).
+    """
+
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        deadline = getattr(self.factory, "request_deadline", REQUEST_DEADLINE)
+        self._deadline = self.callLater(deadline, self._too_late)
+
+    def _too_late(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _met_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def allHeadersReceived(self) -> None:
+        self._met_deadline()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._met_deadline()
+        super().connectionLost(reason)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        body = f"the request line or a header is longer than {self.MAX_LENGTH} bytes\n".encode()
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        transport.loseConnection()
+
+
 def make_site(root: resource.Resource, **kwargs: Any) -> server.Site:
     """
-    A Site for pgws's resource: its access log hides tokens, and an HTTP connection idle for 10 s
-    (one that never finishes its handshake, or a finished keep-alive) is closed.
+    A Site for pgws's resource: its access log hides tokens, a request must arrive within
+    L{REQUEST_DEADLINE} seconds, and an idle keep-alive connection is closed after 10 s.
     """
     kwargs.setdefault("timeout", 10)
-    return server.Site(root, logFormatter=access_log_line, **kwargs)
+    site = server.Site(root, logFormatter=access_log_line, **kwargs)
+    site.request_deadline = REQUEST_DEADLINE  # type: ignore[attr-defined]
+    # Plain HTTP/1.1 channels (pgws negotiates no HTTP/2), with the answers above.
+    site.protocol = _Channel  # type: ignore[method-assign,assignment]
+    return site
 

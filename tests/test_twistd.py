@@ -95,6 +95,18 @@ class Twistd:
         out, err = self.proc.communicate()
         pytest.fail(f"twistd did not start: {err}\n{self.text()}")
 
+    async def ready(self, timeout: float = 60) -> int:
+        """Listening, and relaying: /readyz says so (the database connects after the port opens)."""
+        port = await self.listening(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = await http_request(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n"
+                                              b"Connection: close\r\n\r\n")
+            if answer.status == 200:
+                return port
+            await sleep(0.1)
+        pytest.fail(f"twistd never became ready: {self.text()}")
+
     async def terminate(self, timeout: float = 20, signal_it: bool = True) -> int:
         if signal_it:
             self.proc.send_signal(signal.SIGTERM)
@@ -120,7 +132,7 @@ async def test_twistd_serves_the_page_and_relays(db_uri, tmp_path):
                     "--server-root", str(ROOT / "client-example"), "--audit-channel", "audit",
                     env={"PGWS_JWT_SECRET": SECRET})
     try:
-        port = await server.listening()
+        port = await server.ready()
         page = await http_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert page.status == 200 and b"<html" in page.body.lower()
         jwt_text = token({"mode": "rw"})
@@ -152,7 +164,7 @@ async def test_embedded_database_starts_relays_and_stops_with_pgws(tmp_path):
                     "--embedded-port", str(pg_port), "--port", "0", "--server-host", "127.0.0.1",
                     env={"PGWS_JWT_SECRET": SECRET})
     try:
-        port = await server.listening(timeout=120)
+        port = await server.ready(timeout=120)
         client = await ws_connect(port, "/emb/" + token({"mode": "rw"}))
         await sleep(0.3)
         client.send("embedded")
@@ -177,7 +189,14 @@ async def test_tls_serves_wss_with_the_given_certificate(db_uri, tmp_path):
     try:
         port = await server.listening()
         assert "(wss/https)" in server.text()
-        client = await ws_connect(port, "/tls/" + token({"mode": "rw"}), trust_pem=pem)
+        deadline = time.monotonic() + 30
+        while True:  # 503 until the database is connected
+            try:
+                client = await ws_connect(port, "/tls/" + token({"mode": "rw"}), trust_pem=pem)
+                break
+            except ConnectionError:
+                assert time.monotonic() < deadline
+                await sleep(0.2)
         await sleep(0.2)
         client.send("encrypted")
         assert (await client.next_json())["payload"] == "encrypted"
@@ -269,7 +288,7 @@ async def test_sigterm_closes_sockets_1001_flushes_and_exits_0(db_uri, tmp_path)
     server = Twistd(tmp_path, "--db-uri", db_uri, "--port", "0", "--server-host", "127.0.0.1",
                     "--db-pool", "1", env={"PGWS_JWT_SECRET": SECRET})
     try:
-        port = await server.listening()
+        port = await server.ready()
         limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
         soft, hard = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits).groups()
         assert soft == hard  # raised at start-up
