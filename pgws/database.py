@@ -43,6 +43,9 @@ _log = Logger()
 
 # Work through at most this many deliveries (notification x reader) per reactor turn.
 DELIVERIES_PER_SLICE = 20_000
+# ... and at most about this many bytes of frames (the default; see Listener's slice_bytes), so
+# that what one turn hands to the transports, which only flush between turns, stays bounded.
+BYTES_PER_SLICE = 2 * 1024 * 1024
 # Stop reading the LISTEN socket while this many notifications wait to be fanned out.
 BACKLOG_PAUSE = 5_000
 # The most messages one NOTIFY statement carries.
@@ -124,6 +127,7 @@ class _ListenConnection(_QuietConnection):
         self._sink = sink
         self._lost = lost
         self.paused = False
+        self.last_read = 0.0  # reactor time of the last data from PostgreSQL
 
     def checkForNotifies(self) -> None:
         notifies = self._connection.notifies
@@ -133,6 +137,7 @@ class _ListenConnection(_QuietConnection):
             self._sink(batch)
 
     def doRead(self) -> Any:
+        self.last_read = self.reactor.seconds()
         lost = super().doRead()
         if self.paused and lost is None:
             self.reactor.removeReader(self)
@@ -163,6 +168,9 @@ class Listener:
 
     @param recovered: called (with no argument) each time the session is back after a loss,
         once every wanted channel is LISTENed again: readers may have missed notifications.
+    @param slice_bytes: bytes of frames one reactor turn may write at most (about); the relay
+        keeps it under what one reader may have pending, so that a prompt reader is never taken
+        for a slow one after a burst.
     """
 
     def __init__(
@@ -174,8 +182,10 @@ class Listener:
         max_attempts: int = 0,
         gave_up: Callable[[str], None] | None = None,
         recovered: Callable[[], None] | None = None,
+        slice_bytes: int = BYTES_PER_SLICE,
     ) -> None:
         self._reactor = reactor
+        self._slice_bytes = slice_bytes
         self._dsn = dsn
         self._deliver = deliver
         self._check_interval = check_interval
@@ -298,10 +308,16 @@ class Listener:
         d.addErrback(lambda f: _log.failure("LISTEN session reconnection failed", f))
 
     async def _check(self) -> None:
-        """A cheap query that must answer in time, or the session counts as dead."""
-        if not self.connected or self._connecting:
-            return
+        """
+        A cheap query that must answer in time, or the session counts as dead.  A session that
+        is delivering (data arrived within the interval, or a backlog is being worked through
+        with reading paused) is alive, and its answer would wait behind the backlog: no check.
+        """
         conn = self._conn
+        if not self.connected or self._connecting or conn.paused or self._backlog:
+            return
+        if self._reactor.seconds() - conn.last_read < self._check_interval:
+            return
         try:
             await within(conn.runQuery("SELECT 1"), self._check_interval, self._reactor)
         except Exception as e:
@@ -365,11 +381,13 @@ class Listener:
     def _drain(self) -> None:
         """Fan out the backlog in slices of bounded work, yielding to the reactor between."""
         self._draining = True
-        budget = DELIVERIES_PER_SLICE
+        budget, byte_budget = DELIVERIES_PER_SLICE, self._slice_bytes
         backlog, deliver = self._backlog, self._deliver
-        while backlog and budget > 0:
+        while backlog and budget > 0 and byte_budget > 0:
             channel, payload = backlog.popleft()
-            budget -= 1 + (deliver(channel, payload) or 0)
+            delivered = deliver(channel, payload) or 0
+            budget -= 1 + delivered
+            byte_budget -= delivered * (len(payload) + 10)
         if backlog:
             if len(backlog) >= BACKLOG_PAUSE:
                 self._conn.paused = True

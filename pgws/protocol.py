@@ -92,8 +92,8 @@ CLOSE_JWT_EXPIRED = 3001
 
 def _pending_bytes(transport: Any) -> int:
     """
-    Bytes a transport has accepted but not yet handed to the kernel.  Under TLS the wrapper's
-    own transport holds the encrypted bytes.
+    Bytes a transport holds that the kernel has not taken yet.  Under TLS the wrapper's own
+    transport holds the encrypted bytes.
     """
     inner = getattr(transport, "transport", None)
     if inner is not None and not hasattr(transport, "dataBuffer"):
@@ -102,6 +102,16 @@ def _pending_bytes(transport: Any) -> int:
         return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     except AttributeError:
         return 0
+
+
+# A reader over max-pending-bytes is cut off if it takes nothing for this long...
+SLOW_READER_GRACE = 1.0
+# ... or at once past this many times max-pending-bytes, whatever its progress.
+SLOW_READER_HARD_FACTOR = 4
+# Twisted hands at most SEND_LIMIT bytes to the kernel per socket per reactor turn (128 KiB);
+# a fan-out turn can write more than that to one reader, which would then fall behind for
+# Twisted's sake, not its own.
+SEND_LIMIT = 4 * 1024 * 1024
 
 
 def _close_reason(text: str) -> str:
@@ -122,6 +132,9 @@ class RelayProtocol(WebSocketServerProtocol):
     _expiry: Any = None
     _opened = False
     _requested: str | None = None  # the channel the opening request asked for
+    _written = 0  # bytes of frames written to the transport, ever
+    _behind_since: float | None = None  # when the reader last went over max-pending-bytes
+    _flushed_mark = 0
 
     @property
     def outbox(self) -> Outbox | None:
@@ -189,6 +202,8 @@ class RelayProtocol(WebSocketServerProtocol):
         assert grant is not None
         self._opened = True
         factory = self.factory
+        if hasattr(self.transport, "SEND_LIMIT"):
+            self.transport.SEND_LIMIT = SEND_LIMIT  # type: ignore[union-attr]
         if grant.can_write:
             self._envelopes = EnvelopeEncoder(grant.claims)
         if grant.can_write or factory.meta_channel is not None:
@@ -234,17 +249,41 @@ class RelayProtocol(WebSocketServerProtocol):
             return
         transport: Any = self.transport
         transport.write(frame)
-        if _pending_bytes(transport) > self.factory.max_pending_bytes:
-            self._too_slow()
+        self._written += len(frame)
+        pending = _pending_bytes(transport)
+        if pending > self.factory.max_pending_bytes:
+            self._behind(pending)
+        elif self._behind_since is not None:
+            self._behind_since = None
 
-    def _too_slow(self) -> None:
+    def _behind(self, pending: int) -> None:
+        """
+        Over max-pending-bytes.  Twisted only flushes between reactor turns, so a prompt reader
+        can be over it for a moment after a burst; a reader is cut off when it has taken nothing
+        for L{SLOW_READER_GRACE} seconds while over it, or at once when far over it.
+        """
+        cap = self.factory.max_pending_bytes
+        if pending > cap * SLOW_READER_HARD_FACTOR:
+            self._too_slow(pending)
+            return
+        now = self.factory.reactor.seconds()
+        flushed = self._written - pending  # bytes the kernel has taken, ever
+        if self._behind_since is None:
+            self._behind_since, self._flushed_mark = now, flushed
+        elif now - self._behind_since >= SLOW_READER_GRACE:
+            if flushed == self._flushed_mark:
+                self._too_slow(pending)
+            else:
+                self._behind_since, self._flushed_mark = now, flushed
+
+    def _too_slow(self, pending: int) -> None:
         """
         A reader whose TCP window stays full would grow our memory without bound and, written to
         in the same loop as everyone else, gain nothing by waiting: it is cut off.
         """
         limit = self.factory.max_pending_bytes
-        _log.warn("WebSocket from {peer} closed: it reads too slowly (over {limit} bytes "
-                  "waiting)", peer=self.peer, limit=limit)
+        _log.warn("WebSocket from {peer} closed: it reads too slowly ({pending} bytes waiting, "
+                  "limit {limit})", peer=self.peer, pending=pending, limit=limit)
         self.close_with(CLOSE_POLICY, f"reader too slow: over {limit} bytes waiting to be sent")
         self._leave_channels()
         self.dropConnection(abort=True)

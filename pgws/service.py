@@ -73,6 +73,7 @@ class Relay(service.Service):
             max_attempts=config.retries if config.listen_channel else 0,
             gave_up=self._gave_up,
             recovered=lambda: self.factory.tell_gap(),
+            slice_bytes=2 * config.max_pending_bytes,
         )
         self.factory = RelayFactory(
             verifier=TokenVerifier.from_config(config, reactor=reactor, clock=clock,

@@ -26,6 +26,9 @@ __all__ = ["Options", "makeService"]
 _log = Logger()
 
 EXIT_CONFIG = 2
+# Twisted's default of 50 overflows in a burst of reconnecting clients (they then wait for SYN
+# retransmits); the kernel caps it at net.core.somaxconn.
+ACCEPT_BACKLOG = 4096
 EXIT_START = 1
 
 
@@ -136,11 +139,12 @@ class _ListeningService(service.Service):
                 self.port = self._reactor.listenSSL(
                     config.server_port, self._site, tls_options(config.certificate_file,
                                                                 config.key_file),
-                    interface=config.listen_interface,
+                    backlog=ACCEPT_BACKLOG, interface=config.listen_interface,
                 )
             else:
                 self.port = self._reactor.listenTCP(
-                    config.server_port, self._site, interface=config.listen_interface
+                    config.server_port, self._site, backlog=ACCEPT_BACKLOG,
+                    interface=config.listen_interface,
                 )
         except CannotListenError as e:
             _fail(f'"server-port": cannot listen on {self._config.server_host} port '

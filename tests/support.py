@@ -197,7 +197,8 @@ async def start_server(db_uri: str, relay_options: dict[str, Any] | None = None,
     relay = Relay(config, reactor=reactor, **(relay_options or {}))
     relay.startService()
     await wait(relay.whenReady())
-    listening = reactor.listenTCP(0, make_site(relay.resource()), interface="127.0.0.1")
+    listening = reactor.listenTCP(0, make_site(relay.resource()), backlog=1024,
+                                  interface="127.0.0.1")
     return Server(relay, listening.getHost().port, listening)
 
 

@@ -309,3 +309,42 @@ async def test_sigterm_closes_sockets_1001_flushes_and_exits_0(db_uri, tmp_path)
         db.close()
         if server.proc.poll() is None:
             server.proc.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_prompt_reader_is_not_cut_off_after_pgws_stalls(db_uri, tmp_path):
+    # pgws is stopped (SIGSTOP) while PostgreSQL queues notifications for it; when it resumes,
+    # it reads them in large slices and writes far more than max-pending-bytes to the reader
+    # within a few turns.  The reader keeps reading, so it must not be cut off (the benchmark
+    # found that it was).
+    from autobahn.twisted.websocket import WebSocketClientFactory
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    from support import Db, wait
+    from test_resilience import CountingReader
+
+    count = 40_000
+    db = Db(db_uri)
+    server = Twistd(tmp_path, "--db-uri", db_uri, "--port", "0", "--server-host", "127.0.0.1",
+                    "--max-pending-bytes", "65536", env={"PGWS_JWT_SECRET": SECRET})
+    try:
+        port = await server.ready()
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/stall/" + token({"mode": "r"}))
+        factory.protocol = CountingReader
+        factory.opened, factory.expected = [], count
+        await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory))
+        while not factory.opened:
+            await sleep(0.02)
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            for start in range(0, count, 10_000):
+                db.execute("SELECT pg_notify('stall', lpad(i::text, 8, '0') || repeat('y', 50)) "
+                           "FROM generate_series(%s, %s) AS i", (start, start + 9_999))
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await wait(factory.opened[0].done, timeout=60)
+        assert "reads too slowly" not in server.text()
+    finally:
+        db.close()
+        await server.terminate()
