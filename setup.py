@@ -34,5 +34,10 @@ setup(
             "ruff==0.17.6",
             "mypy==2.4.1",
         ],
+        # `python -m bench`: the chart and the profiles.
+        "bench": [
+            "matplotlib==3.11.2",
+            "py-spy==0.4.3",
+        ],
     },
 )

@@ -1,0 +1,1 @@
+"""pgws's benchmark: see bench/README.md."""

@@ -1,0 +1,685 @@
+"""
+Load-generating worker processes.  Each runs in its own process (multiprocessing, spawn) and talks
+to the orchestrator over a Pipe with small tuples:
+
+    parent -> worker   ("open", paths, concurrency)   WebSocket workers: open connections
+                       ("go", timing)                  run until timing["t_stop"], then answer
+                       ("quit",)                       close everything and exit
+    worker -> parent   ("ready", info) / ("opened", info) / ("result", info) / ("error", text)
+
+Timing is absolute (time.time()): "t_begin" (start sending), "t_start".."t_end" (the measured
+window: only frames *received* inside it are counted, and only their latencies recorded),
+"t_stop" (stop and report).  Every result carries "cpu": this process's user+sys seconds inside
+the window, so the orchestrator can report the load generator's own CPU use.
+
+The WebSocket client is deliberately minimal: a non-blocking socket per connection, one epoll
+loop per process, a fixed handshake request (the Sec-WebSocket-Accept answer is not checked,
+only the 101 status), and a frame reader that looks at frame headers only and reads the send
+timestamp from the first 17 bytes of a text frame's payload ("1764320000.123456 ...").  Client
+frames (pongs, writers' messages) are masked with an all-zero key, which is valid framing and
+leaves the payload bytes unchanged, so no per-byte work is needed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import select
+import socket
+import time
+import traceback
+from typing import Any
+
+# Latency histogram resolution: buckets of 0.1 ms, keyed by int(seconds * 10000).
+BUCKETS_PER_SECOND = 10_000
+
+TS_LEN = 17  # len(f"{time.time():.6f}") until the year 2286
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def make_payload(ts: float, seq: int, size: int) -> str:
+    """The benchmark payload: send time, sequence number, padding to `size` characters."""
+    head = f"{ts:.6f} {seq:010d} "
+    return head + "x" * (size - len(head)) if size > len(head) else head
+
+
+class _Window:
+    """Counts and a latency histogram for what is received inside [t_start, t_end]."""
+
+    def __init__(self) -> None:
+        self.t_start = float("inf")
+        self.t_end = float("-inf")
+        self.count = 0
+        self.hist: dict[int, int] = {}
+        self.lat_max = 0.0
+        self.cpu0: float | None = None
+        self.cpu1: float | None = None
+
+    def set(self, timing: dict[str, float]) -> None:
+        self.t_start, self.t_end = timing["t_start"], timing["t_end"]
+
+    def tick(self, now: float) -> None:
+        """Take CPU readings at the window's edges (called at least every 50 ms)."""
+        if self.cpu0 is None and now >= self.t_start:
+            self.cpu0 = cpu_seconds()
+        if self.cpu1 is None and now >= self.t_end:
+            self.cpu1 = cpu_seconds()
+
+    def summary(self) -> dict[str, Any]:
+        now = time.time()
+        self.tick(now)
+        cpu = (self.cpu1 or cpu_seconds()) - (self.cpu0 or cpu_seconds())
+        return {"count": self.count, "hist": self.hist, "lat_max": self.lat_max, "cpu": cpu}
+
+
+# ---------------------------------------------------------------------------------------------
+# WebSocket worker: readers and writers
+
+
+class _Conn:
+    __slots__ = ("sock", "fd", "state", "buf", "out", "path", "writer", "t0")
+
+    def __init__(self, sock: socket.socket, path: str, writer: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.state = 0  # 0 connecting, 1 handshake sent, 2 open, 3 closed
+        self.buf = b""
+        self.out = b""
+        self.path = path
+        self.writer = writer
+        self.t0 = 0.0
+
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
+
+
+class WsWorker:
+    def __init__(self, pipe: Any, host: str, port: int, payload_size: int = 64,
+                 chunk: int = 16) -> None:
+        self.pipe = pipe
+        self.host = host
+        self.port = port
+        self.payload_size = payload_size
+        self.chunk = chunk  # messages per write for writers
+        self.ep = select.epoll()
+        self.conns: dict[int, _Conn] = {}
+        self.pending: list[tuple[str, bool]] = []
+        self.inflight = 0
+        self.concurrency = 64
+        self.opening = False
+        self.open_stats: dict[str, Any] = {}
+        self.win = _Window()
+        self.timing: dict[str, float] | None = None
+        self.writing = False
+        self.sent = 0
+        self.seq = 0
+        self.drops: dict[str, int] = {}
+        self.frames_total = 0
+        self.watch_until = 0.0
+        self.watch_count = 0
+
+    # -- connections --------------------------------------------------------------------------
+
+    def request(self, path: str) -> bytes:
+        return (f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                "\r\n").encode("latin-1")
+
+    def start_more(self) -> None:
+        while self.pending and self.inflight < self.concurrency:
+            path, writer = self.pending.pop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            c = _Conn(sock, path, writer)
+            c.t0 = time.time()
+            st = self.open_stats
+            if st["t_first"] is None:
+                st["t_first"] = c.t0
+            err = sock.connect_ex((self.host, self.port))
+            if err not in (0, errno.EINPROGRESS):
+                self._open_failed(c, f"connect: {os.strerror(err)}", registered=False)
+                continue
+            self.conns[c.fd] = c
+            self.ep.register(c.fd, _OUT)
+            self.inflight += 1
+
+    def _open_failed(self, c: _Conn, why: str, registered: bool = True) -> None:
+        st = self.open_stats
+        st["failed"] += 1
+        key = why[:80]
+        st["errors"][key] = st["errors"].get(key, 0) + 1
+        self._close(c, registered)
+        if registered:
+            self.inflight -= 1
+
+    def _close(self, c: _Conn, registered: bool = True) -> None:
+        if c.state == 3:
+            return
+        c.state = 3
+        if registered:
+            try:
+                self.ep.unregister(c.fd)
+            except (OSError, ValueError):
+                pass
+            self.conns.pop(c.fd, None)
+        try:
+            c.sock.close()
+        except OSError:
+            pass
+
+    def _drop(self, c: _Conn, why: str) -> None:
+        self.drops[why] = self.drops.get(why, 0) + 1
+        self._close(c)
+
+    def _check_opened(self) -> None:
+        if self.opening and not self.pending and self.inflight == 0:
+            self.opening = False
+            st = self.open_stats
+            st["open"] = sum(1 for c in self.conns.values() if c.state == 2)
+            st["cpu"] = cpu_seconds() - st.pop("cpu0")
+            self.pipe.send(("opened", st))
+
+    # -- events -------------------------------------------------------------------------------
+
+    def on_writable(self, c: _Conn) -> None:
+        if c.state == 0:
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._open_failed(c, f"connect: {os.strerror(err)}")
+                return
+            try:
+                c.sock.send(self.request(c.path))
+            except OSError as e:
+                self._open_failed(c, f"send: {e}")
+                return
+            c.state = 1
+            self.ep.modify(c.fd, _IN)
+            return
+        if c.state == 2:
+            self.write_some(c)
+
+    def write_some(self, c: _Conn) -> None:
+        try:
+            if c.out:
+                n = c.sock.send(c.out)
+                c.out = c.out[n:]
+                if c.out:
+                    return
+            if not (self.writing and c.writer):
+                self.ep.modify(c.fd, _IN)
+                return
+            now = time.time()
+            frames = []
+            size = self.payload_size
+            seq = self.seq
+            head = bytes([0x81, 0x80 | size]) + b"\0\0\0\0"  # masked with a zero key
+            for _ in range(self.chunk):
+                frames.append(head + make_payload(now, seq, size).encode("ascii"))
+                seq += 1
+            self.seq = seq
+            data = b"".join(frames)
+            n = c.sock.send(data)
+            if self.win.t_start <= now <= self.win.t_end:
+                self.sent += self.chunk  # counted once handed to the kernel (or queued below)
+            if n < len(data):
+                c.out = data[n:]
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self._drop(c, f"send: {e.__class__.__name__}")
+
+    def on_readable(self, c: _Conn) -> None:
+        try:
+            data = c.sock.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if c.state == 1:
+                self._open_failed(c, f"recv: {e}")
+            else:
+                self._drop(c, f"recv: {e.__class__.__name__}")
+            return
+        if not data:
+            if c.state == 1:
+                self._open_failed(c, "closed during the handshake")
+            else:
+                self._drop(c, "eof")
+            return
+        if c.state == 1:
+            data = c.buf + data
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                c.buf = data
+                return
+            status = data[:data.find(b"\r\n")]
+            if b" 101 " not in status + b" ":
+                body = data[end + 4:].decode("utf-8", "replace").strip()
+                self._open_failed(c, f"{status.decode('latin-1')} {body}")
+                return
+            c.state = 2
+            c.buf = b""
+            self.inflight -= 1
+            st = self.open_stats
+            st["ok"] += 1
+            now = time.time()
+            st["t_last"] = now
+            st["hs_time"] += now - c.t0
+            data = data[end + 4:]
+            if not data:
+                return
+        self.frames(c, data)
+
+    def frames(self, c: _Conn, data: bytes) -> None:
+        if c.buf:
+            data = c.buf + data
+        n = len(data)
+        i = 0
+        now = time.time()
+        win = self.win
+        counting = win.t_start <= now <= win.t_end
+        count = 0
+        hist = win.hist
+        lat_max = win.lat_max
+        while n - i >= 2:
+            ln = data[i + 1] & 127
+            h = 2
+            if ln == 126:
+                if n - i < 4:
+                    break
+                ln = (data[i + 2] << 8) | data[i + 3]
+                h = 4
+            elif ln == 127:
+                if n - i < 10:
+                    break
+                ln = int.from_bytes(data[i + 2:i + 10], "big")
+                h = 10
+            end = i + h + ln
+            if end > n:
+                break
+            op = data[i] & 15
+            if op == 1:
+                count += 1
+                if counting:
+                    try:
+                        lat = now - float(data[i + h:i + h + TS_LEN])
+                    except ValueError:
+                        lat = None
+                    if lat is not None:
+                        k = int(lat * BUCKETS_PER_SECOND)
+                        hist[k] = hist.get(k, 0) + 1
+                        if lat > lat_max:
+                            lat_max = lat
+            elif op == 9:  # ping: answer with a pong carrying the same data
+                payload = data[i + h:end]
+                pong = bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+                c.out += pong
+                self.write_some(c) if c.writer else self._send_now(c)
+            elif op == 8:
+                code = int.from_bytes(data[i + h:i + h + 2], "big") if ln >= 2 else 1005
+                self._drop(c, f"close {code}")
+                break
+            i = end
+        c.buf = data[i:] if i < n else b""
+        win.lat_max = lat_max
+        self.frames_total += count
+        if counting:
+            win.count += count
+        if self.watch_until:
+            self.watch_count += count
+
+    def _send_now(self, c: _Conn) -> None:
+        try:
+            n = c.sock.send(c.out)
+            c.out = c.out[n:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(c, "send failed")
+        if c.out:
+            self.ep.modify(c.fd, _IN | _OUT)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def command(self, msg: tuple[Any, ...]) -> bool:
+        kind = msg[0]
+        if kind == "open":
+            _, paths, concurrency, writer = msg
+            self.pending = [(p, writer) for p in reversed(paths)]
+            self.concurrency = concurrency
+            self.opening = True
+            self.open_stats = {"ok": 0, "failed": 0, "errors": {}, "t_first": None,
+                               "t_last": None, "hs_time": 0.0,
+                               "cpu0": cpu_seconds()}
+            self.start_more()
+            self._check_opened()
+        elif kind == "go":
+            self.timing = msg[1]
+            self.win = _Window()
+            self.win.set(self.timing)
+            self.sent = 0
+            self.drops = {}
+        elif kind == "watch":  # count frames until a time (the "served" check)
+            self.watch_until = msg[1]
+            self.watch_count = 0
+        elif kind == "count":
+            self.pipe.send(("count", sum(1 for c in self.conns.values() if c.state == 2)))
+        elif kind == "quit":
+            return False
+        return True
+
+    def tick(self, now: float) -> None:
+        t = self.timing
+        if t is not None:
+            self.win.tick(now)
+            want = t["t_begin"] <= now < t["t_end"]
+            if want != self.writing:
+                self.writing = want
+                if want:
+                    for c in self.conns.values():
+                        if c.writer and c.state == 2:
+                            self.ep.modify(c.fd, _IN | _OUT)
+            if now >= t["t_stop"]:
+                s = self.win.summary()
+                s.update(sent=self.sent, drops=self.drops,
+                         open=sum(1 for c in self.conns.values() if c.state == 2))
+                self.pipe.send(("result", s))
+                self.timing = None
+                self.writing = False
+        if self.watch_until and now >= self.watch_until:
+            self.watch_until = 0.0
+            self.pipe.send(("watched", self.watch_count))
+
+    def run(self) -> None:
+        pipe_fd = self.pipe.fileno()
+        self.ep.register(pipe_fd, _IN)
+        conns = self.conns
+        poll = self.ep.poll
+        last_tick = 0.0
+        while True:
+            events = poll(0.05)
+            for fd, ev in events:
+                if fd == pipe_fd:
+                    if not self.command(self.pipe.recv()):
+                        return
+                    continue
+                c = conns.get(fd)
+                if c is None:
+                    continue
+                if ev & _IN or (ev & _ERR and c.state != 0):
+                    self.on_readable(c)
+                    if c.state == 3:
+                        continue
+                if ev & _OUT or (ev & _ERR and c.state == 0):
+                    self.on_writable(c)
+            if self.opening:
+                self.start_more()
+                self._check_opened()
+            now = time.time()
+            if now - last_tick >= 0.01:
+                last_tick = now
+                self.tick(now)
+
+
+def _report(pipe: Any, e: BaseException) -> None:
+    """Send the traceback to the orchestrator; if the orchestrator is gone, just exit."""
+    if isinstance(e, (EOFError, BrokenPipeError)):
+        return
+    try:
+        pipe.send(("error", traceback.format_exc()))
+    except (OSError, EOFError):
+        pass
+
+
+def ws_worker(pipe: Any, host: str, port: int, payload_size: int = 64) -> None:
+    raise_nofile()
+    try:
+        WsWorker(pipe, host, port, payload_size).run()
+    except Exception as e:
+        _report(pipe, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL clients: the producer, a plain LISTEN client, plain psycopg2 writers
+
+
+def _connect(dsn: str, **kw: Any) -> Any:
+    import psycopg2
+
+    conn = psycopg2.connect(dsn, application_name="pgws-bench", **kw)
+    conn.autocommit = True
+    return conn
+
+
+def producer_worker(pipe: Any, dsn: str, channels: list[str], mode: str, batch: int,
+                    rate: float, payload_size: int) -> None:
+    """
+    `flood`: batches of `batch` pg_notify in one statement (one transaction each), as fast as
+    PostgreSQL takes them, channels taken in turn.  `paced`: one notification per transaction,
+    `rate` per second on a fixed schedule.  Runs from t_begin to t_end.
+    """
+    try:
+        conn = _connect(dsn, options="-c synchronous_commit=off")
+        cur = conn.cursor()
+        pipe.send(("ready", {}))
+        msg = pipe.recv()
+        if msg[0] != "go":
+            return
+        timing = msg[1]
+        win = _Window()
+        win.set(timing)
+        t_begin, t_end = timing["t_begin"], timing["t_end"]
+        nch = len(channels)
+        seq = 0
+        sent = 0
+        while time.time() < t_begin:
+            time.sleep(0.001)
+        if mode == "flood":
+            sql = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
+            while True:
+                now = time.time()
+                win.tick(now)
+                if now >= t_end:
+                    break
+                chans = [channels[(seq + j) % nch] for j in range(batch)]
+                pays = [make_payload(now, seq + j, payload_size) for j in range(batch)]
+                seq += batch
+                cur.execute(sql, (chans, pays))
+                if win.t_start <= now < win.t_end:
+                    sent += batch
+        else:
+            interval = 1.0 / rate
+            nxt = t_begin
+            while True:
+                now = time.time()
+                win.tick(now)
+                if now >= t_end:
+                    break
+                if now < nxt:
+                    time.sleep(min(nxt - now, 0.05))
+                    continue
+                nxt += interval
+                cur.execute("SELECT pg_notify(%s, %s)",
+                            (channels[seq % nch], make_payload(time.time(), seq, payload_size)))
+                seq += 1
+                if win.t_start <= now < win.t_end:
+                    sent += 1
+        while time.time() < timing["t_stop"]:
+            time.sleep(0.01)
+        s = win.summary()
+        s["sent"] = sent
+        pipe.send(("result", s))
+        pipe.recv()
+        conn.close()
+    except Exception as e:
+        _report(pipe, e)
+
+
+def _envelope_ts(payload: str) -> float:
+    i = payload.find('"payload":"')
+    return float(payload[i + 11:i + 11 + TS_LEN])
+
+
+def _raw_ts(payload: str) -> float:
+    return float(payload[:TS_LEN])
+
+
+def listener_worker(pipe: Any, dsn: str, channel: str, kind: str) -> None:
+    """A plain psycopg2 LISTEN client: counts notifications and their latency in the window."""
+    try:
+        from pgws.channelname import quote_ident
+
+        conn = _connect(dsn)
+        conn.cursor().execute(f"LISTEN {quote_ident(channel)}")
+        pipe.send(("ready", {}))
+        msg = pipe.recv()
+        if msg[0] != "go":
+            return
+        timing = msg[1]
+        win = _Window()
+        win.set(timing)
+        ts_of = _envelope_ts if kind == "envelope" else _raw_ts
+        hist = win.hist
+        fd = conn.fileno()
+        while True:
+            now = time.time()
+            win.tick(now)
+            if now >= timing["t_stop"]:
+                break
+            r, _, _ = select.select([fd], [], [], 0.05)
+            if not r:
+                continue
+            conn.poll()
+            notifies = conn.notifies
+            if not notifies:
+                continue
+            now = time.time()
+            if win.t_start <= now <= win.t_end:
+                win.count += len(notifies)
+                for n in notifies:
+                    lat = now - ts_of(n.payload)
+                    k = int(lat * BUCKETS_PER_SECOND)
+                    hist[k] = hist.get(k, 0) + 1
+                    if lat > win.lat_max:
+                        win.lat_max = lat
+            del notifies[:]
+        pipe.send(("result", win.summary()))
+        pipe.recv()
+        conn.close()
+    except Exception as e:
+        _report(pipe, e)
+
+
+def pg_writers_worker(pipe: Any, dsn: str, n: int, channel: str, payload_size: int) -> None:
+    """
+    The writers baseline: `n` plain psycopg2 connections (asynchronous mode, one epoll loop),
+    each running one `SELECT pg_notify(channel, envelope)` per transaction, back to back.  The
+    envelope has pgws's shape and size, with the send time where pgws puts the client's text.
+    """
+    try:
+        import psycopg2
+        import psycopg2.extensions as ext
+
+        raise_nofile()
+        ep = select.epoll()
+        conns = []
+        for _ in range(n):
+            conn = psycopg2.connect(dsn, application_name="pgws-bench-writer", async_=1)
+            while True:
+                state = conn.poll()
+                if state == ext.POLL_OK:
+                    break
+                select.select([conn.fileno()] if state == ext.POLL_READ else [],
+                              [conn.fileno()] if state == ext.POLL_WRITE else [], [], 5)
+            conns.append(conn)
+        pipe.send(("ready", {}))
+        msg = pipe.recv()
+        if msg[0] != "go":
+            return
+        timing = msg[1]
+        win = _Window()
+        win.set(timing)
+        by_fd = {c.fileno(): c for c in conns}
+        cursors = {c.fileno(): c.cursor() for c in conns}
+        started: dict[int, float] = {}
+        seq = 0
+        sent = 0
+        sql = "SELECT pg_notify(%s, %s)"
+        claims = '{"mode":"w","message_delivered_at":'
+
+        registered: set[int] = set()
+
+        def wait_for(fd: int, state: int) -> None:
+            mask = _IN if state == ext.POLL_READ else _OUT
+            if fd in registered:
+                ep.modify(fd, mask)
+            else:
+                ep.register(fd, mask)
+                registered.add(fd)
+
+        def issue(fd: int) -> None:
+            """Start the next statement on this connection (until t_end)."""
+            nonlocal seq, sent
+            while True:
+                now = time.time()
+                if now >= timing["t_end"]:
+                    busy.discard(fd)
+                    return
+                text = make_payload(now, seq, payload_size)
+                seq += 1
+                env = (f'{{"event":"WebsocketMessage","channel":"{channel}","payload":"{text}",'
+                       f'"claims":{claims}{now!r}}}}}')
+                cursors[fd].execute(sql, (channel, env))
+                started[fd] = now
+                state = by_fd[fd].poll()
+                if state != ext.POLL_OK:
+                    wait_for(fd, state)
+                    return
+                if win.t_start <= now < win.t_end:
+                    sent += 1
+
+        while time.time() < timing["t_begin"]:
+            time.sleep(0.001)
+        busy = set(by_fd)
+        for fd in list(by_fd):
+            issue(fd)
+        while busy:
+            now = time.time()
+            win.tick(now)
+            if now >= timing["t_stop"]:
+                break
+            for fd, _ev in ep.poll(0.05):
+                if fd not in busy:
+                    continue
+                state = by_fd[fd].poll()
+                if state != ext.POLL_OK:
+                    wait_for(fd, state)
+                    continue
+                if win.t_start <= started[fd] < win.t_end:
+                    sent += 1
+                issue(fd)
+        while time.time() < timing["t_stop"]:
+            time.sleep(0.01)
+        s = win.summary()
+        s["sent"] = sent
+        pipe.send(("result", s))
+        pipe.recv()
+        for c in conns:
+            c.close()
+    except Exception as e:
+        _report(pipe, e)

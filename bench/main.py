@@ -1,0 +1,315 @@
+"""
+`python -m bench`: start a throwaway PostgreSQL, run every scenario K times against a fresh pgws
+(and the baselines against the same load generator), print a table of medians and the ratios
+against the targets, write bench/results/<stamp>.json and .png, optionally profile pgws with
+py-spy, and stop everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import report, scenarios, services
+from bench.scenarios import Env, Params
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+FULL = dict(fanout=[1, 100, 1000, 10000], ceiling_readers=1000, warmup=2.0, duration=8.0,
+            batch=50, payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=10.0,
+            channels=1000, channel_readers=10, writers=100, connections=[1000, 10000])
+QUICK = dict(fanout=[1, 1000], ceiling_readers=1000, warmup=0.5, duration=2.0, batch=50,
+             payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=3.0,
+             channels=100, channel_readers=10, writers=20, connections=[1000, 2000])
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true",
+                    help="small N and short runs, one run unless --runs is given (a smoke check)")
+    ap.add_argument("--runs", type=int, default=None, help="runs per scenario; figures are "
+                    "medians (default 3, or 1 with --quick)")
+    ap.add_argument("--scenarios", default="all",
+                    help="comma-separated: fanout, fanout-N, paced, channels, writers, "
+                         "connections, pg-ceiling, stack-ceiling, paced-ceiling, pg-writers, "
+                         "baselines, all")
+    ap.add_argument("--profile", default=None,
+                    help="scenarios to profile pgws in with py-spy after the runs, e.g. "
+                         "fanout-1000,writers (default: those two in a full run, none with "
+                         "--quick; 'none' to skip)")
+    g = ap.add_argument_group("sizes (defaults: full run / --quick)")
+    g.add_argument("--fanout", type=_ints, help="reader counts of the fanout scenario "
+                   f"({FULL['fanout']} / {QUICK['fanout']})")
+    g.add_argument("--ceiling-readers", type=int, help="readers of the stack ceiling (1000)")
+    g.add_argument("--duration", type=float, help="measured seconds per run (8 / 2)")
+    g.add_argument("--warmup", type=float, help="seconds of load before measuring (2 / 0.5)")
+    g.add_argument("--batch", type=int, help="pg_notify per producer transaction (50)")
+    g.add_argument("--payload-size", type=int, help="payload bytes (64; under 126)")
+    g.add_argument("--paced-readers", type=int, help="readers of the paced scenario (1000)")
+    g.add_argument("--paced-rate", type=float, help="notifications/s of the paced scenario (100)")
+    g.add_argument("--paced-seconds", type=float, help="measured seconds of paced (10 / 3)")
+    g.add_argument("--channels", type=int, help="channels of the channels scenario (1000 / 100)")
+    g.add_argument("--channel-readers", type=int, help="readers per channel (10)")
+    g.add_argument("--writers", type=int, help="writers (100 / 20)")
+    g.add_argument("--connections", type=_ints,
+                   help="idle connection steps (1000,10000 / 1000,2000)")
+    ap.add_argument("--quiet-cores", type=float, default=0.3,
+                    help="before each scenario run, wait until other processes use fewer cores "
+                         "than this (0.3) ...")
+    ap.add_argument("--quiet-wait", type=float, default=None,
+                    help="... but at most this many seconds (20, or 3 with --quick; 0: never wait)")
+    ap.add_argument("--noisy", type=float, default=None,
+                    help="run a scenario again (once) when other processes took more than this "
+                         "many cores during its window; the quieter run counts (0.4, or 0 = "
+                         "never with --quick)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (bench/results)")
+    return ap.parse_args(argv)
+
+
+def make_params(args: argparse.Namespace) -> Params:
+    base = dict(QUICK if args.quick else FULL)
+    for key in base:
+        v = getattr(args, key, None)
+        if v is not None:
+            base[key] = v
+    if base["payload_size"] >= 126 or base["payload_size"] < 30:
+        raise SystemExit("--payload-size must be 30..125")
+    return Params(**base)
+
+
+def select(names: list[str], spec: str, params: Params) -> list[str]:
+    if spec == "all":
+        return names
+    wanted: list[str] = []
+    for word in (w.strip() for w in spec.split(",") if w.strip()):
+        if word == "baselines":
+            hits = [n for n in names if n.startswith(("pg-ceiling", "stack-ceiling", "paced-ceiling",
+                                                          "pg-writers"))]
+        elif word in ("fanout", "stack-ceiling"):
+            hits = [n for n in names if n.startswith(word + "-")]
+        elif word.startswith("fanout-") and word not in names:
+            n = int(word.split("-", 1)[1])
+            params.fanout.append(n)
+            hits = [word]
+        else:
+            hits = [n for n in names if n == word]
+        if not hits:
+            raise SystemExit(f"unknown scenario {word!r}; known: {', '.join(names)}")
+        wanted += [h for h in hits if h not in wanted]
+    return wanted
+
+
+def host_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for mod in ("twisted", "autobahn", "txpostgres", "psycopg2", "jwt"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = "?"
+    return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "kernel": platform.release(), "loadavg_at_start": os.getloadavg(), **versions}
+
+
+def wait_quiet(limit: float, max_wait: float) -> tuple[float, float]:
+    """
+    The machine is shared: wait (at most max_wait seconds) until other processes use less than
+    `limit` cores, measured over one second.  Returns (busy cores seen last, seconds waited).
+    """
+    t0 = time.time()
+    while True:
+        h0, w0 = services.host_busy(), time.time()
+        time.sleep(1.0)
+        busy = (services.host_busy() - h0) / (time.time() - w0)
+        if busy <= limit or time.time() - t0 >= max_wait:
+            return busy, time.time() - t0
+
+
+def run_one(env: Env, name: str, fn: Any, quiet: tuple[float, float] | None = None) -> dict[str, Any]:
+    busy, waited = wait_quiet(*quiet) if quiet else (None, 0.0)
+    t0 = time.time()
+    try:
+        rec = fn(env)
+    except Exception as e:
+        rec = {"name": name, "error": f"{e.__class__.__name__}: {e}",
+               "traceback": traceback.format_exc()}
+    rec["name"] = name
+    rec["seconds"] = time.time() - t0
+    rec["busy_before"] = busy
+    rec["waited_for_quiet"] = waited
+    return rec
+
+
+def brief(rec: dict[str, Any]) -> str:
+    if "error" in rec:
+        return f"ERROR {rec['error'].splitlines()[0][:300]}"
+    parts = [f"{rec['value']:,.0f} {rec['unit']}" if rec.get("value") is not None else "-"]
+    if rec.get("p99_ms") is not None:
+        parts.append(f"p50 {rec['p50_ms']:.1f} / p99 {rec['p99_ms']:.1f} / max {rec['max_ms']:.0f} ms")
+    parts.append(f"loadgen {rec['lg_cpu']:.2f} cores")
+    if rec.get("srv_cpu") is not None:
+        parts.append(f"server {rec['srv_cpu']:.2f} cores, {rec['srv_rss_mb']:.0f} MB")
+    if rec.get("other_cpu") is not None:
+        parts.append(f"PG {rec['pg_cpu']:.2f}, others {rec['other_cpu']:.2f} cores")
+    if rec.get("drops"):
+        parts.append(f"dropped {rec['drops']}")
+    warn = rec.get("server_warnings") or {}
+    if warn.get("count"):
+        parts.append(f"pgws warnings {warn['count']}: {warn['first'][0][:120]}")
+    if rec.get("steps"):
+        parts.append("; ".join(f"{s['connections']}: {s['rss_per_conn_kb'] or 0:.1f} KB/conn"
+                               for s in rec["steps"]) + f"; served {rec['served']}")
+    return ", ".join(parts) + f" [{rec['seconds']:.0f} s]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = make_params(args)
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
+    catalogue = dict(scenarios.catalogue(params))
+    chosen = select(list(catalogue), args.scenarios, params)
+    catalogue = dict(scenarios.catalogue(params))  # again: --scenarios fanout-N may add an N
+    if args.profile is None:
+        profile = [] if args.quick else ["fanout-1000", "writers"]
+    elif args.profile == "none":
+        profile = []
+    else:
+        profile = [p.strip() for p in args.profile.split(",") if p.strip()]
+    py_spy = Path(sys.executable).parent / "py-spy"
+    if profile and not py_spy.exists():
+        print(f"note: {py_spy} not found (pip install py-spy); not profiling", flush=True)
+        profile = []
+    for p in profile:
+        if p not in catalogue:
+            raise SystemExit(f"cannot profile unknown scenario {p!r}")
+
+    if args.noisy is None:
+        args.noisy = 0.0 if args.quick else 0.4
+    quiet_wait = args.quiet_wait if args.quiet_wait is not None else (3.0 if args.quick else 20.0)
+    quiet = (args.quiet_cores, quiet_wait) if quiet_wait > 0 else None
+
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S") + ("-quick" if args.quick else "")
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="pgws-bench-"))
+    pg = services.Postgres()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    atexit.register(services.cleanup)
+    started = time.time()
+    records: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}
+    interrupted = False
+    try:
+        import jwt
+
+        print(f"pgws benchmark {stamp}: {runs} run(s) of {', '.join(chosen)}", flush=True)
+        print("starting the throwaway PostgreSQL ...", flush=True)
+        pg.start()
+        secret = secrets.token_hex(32)
+        env = Env(pg=pg, secret=secret, workdir=workdir, params=params,
+                  token_r=jwt.encode({"mode": "r"}, secret, algorithm="HS256"),
+                  token_w=jwt.encode({"mode": "w"}, secret, algorithm="HS256"))
+        for k in range(runs):
+            for name in chosen:
+                rec = run_one(env, name, catalogue[name], quiet)
+                if args.noisy and (rec.get("other_cpu") or 0) > args.noisy:
+                    print(f"[run {k + 1}/{runs}] {name}: {brief(rec)} -- other processes took "
+                          f"{rec['other_cpu']:.2f} cores: running it again", flush=True)
+                    again = run_one(env, name, catalogue[name], quiet)
+                    if (again.get("other_cpu") or 0) < rec["other_cpu"] or "error" in rec:
+                        again["noisy_first_try"] = {key: rec.get(key) for key in
+                                                    ("value", "p99_ms", "other_cpu")}
+                        rec = again
+                rec["run"] = k + 1
+                records.append(rec)
+                print(f"[run {k + 1}/{runs}] {name}: {brief(rec)}", flush=True)
+        for name in profile:
+            for fmt, suffix in (("raw", "txt"), ("flamegraph", "svg")):
+                path = out_dir / f"{stamp}-profile-{name}.{suffix}"
+                env.profile = (fmt, path)
+                rec = run_one(env, name, catalogue[name], quiet)
+                env.profile = None
+                print(f"[profile {fmt}] {name}: {brief(rec)} -> {path.name}", flush=True)
+                if fmt == "raw" and path.exists():
+                    profiles[name] = report.top_functions(path)
+                    profiles[name]["file"] = path.name
+                    profiles[name]["record"] = {k: rec.get(k) for k in
+                                                ("value", "unit", "srv_cpu", "lg_cpu")}
+                elif fmt == "flamegraph" and name in profiles:
+                    profiles[name]["svg"] = path.name if path.exists() else None
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: stopping everything", flush=True)
+    finally:
+        services.cleanup()
+        pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = report.summarise(records)
+    order = [n for n in chosen if n in summary]
+    rows = report.ratios(summary, params)
+    title = (f"pgws benchmark {stamp} - medians of {runs} run(s), {os.cpu_count()} CPUs, "
+             f"loopback{' (quick)' if args.quick else ''}")
+    json_path = out_dir / f"{stamp}.json"
+    png_path = out_dir / f"{stamp}.png"
+    slim = [{k: v for k, v in r.items() if k != "hist"} for r in records]
+    json_path.write_text(json.dumps({
+        "stamp": stamp, "quick": args.quick, "runs": runs, "interrupted": interrupted,
+        "seconds": time.time() - started, "host": host_info(), "params": vars(params),
+        "scenarios": chosen, "summary": summary, "targets": rows, "profiles": profiles,
+        "records": slim,
+    }, indent=1, default=str))
+    if order:
+        try:
+            report.chart(summary, order, rows, png_path, title)
+        except Exception as e:  # the table and the JSON matter more than the picture
+            print(f"chart failed: {e}", flush=True)
+    print()
+    print(title)
+    print(report.table(summary, order))
+    print()
+    print("targets (ratios measured in this run):")
+    print(report.ratio_lines(rows))
+    warned = [(r["name"], r.get("run"), r["server_warnings"]) for r in records
+              if (r.get("server_warnings") or {}).get("count")]
+    if warned:
+        print("\npgws logged warnings or errors in:")
+        for name, run, w in warned:
+            print(f"  {name} (run {run}): {w['count']} - " + " | ".join(x[:150] for x in w["first"]))
+    for name, prof in profiles.items():
+        print()
+        print(report.profile_lines(f"py-spy profile of pgws under {name} ({prof['file']})", prof))
+    for r in records:
+        if "error" in r:
+            print(f"\n{r['name']} (run {r.get('run')}) failed:\n{r.get('traceback', r['error'])}")
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path.exists() else "")
+          + f" in {time.time() - started:.0f} s")
+    return 1 if interrupted else 0

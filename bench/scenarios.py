@@ -1,0 +1,537 @@
+"""
+The scenarios and baselines.  Each function runs one scenario once and returns a record:
+
+    name, metric, unit, value     the headline figure (deliveries/s, notifications/s, ...)
+    p50_ms, p99_ms, max_ms        latency from the send time in the payload to the reader
+    lg_cpu                        load generator (all its processes) user+sys s / wall s
+    srv_cpu, srv_rss_mb           the server under test (pgws or the broadcast server)
+    pg_cpu                        PostgreSQL (postmaster and backends) user+sys s / wall s
+    sent_rate                     what the producer / writers sent per second in the window
+    drops                         connections the server closed or lost (reason -> count)
+
+A fresh server process is started for every scenario run and stopped after it.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen
+from bench.services import Ceiling, Pgws, Postgres, host_busy, listen_overflows
+
+FANOUT_CHANNEL = "bench_fanout"
+WRITE_CHANNEL = "bench_writes"
+IDLE_CHANNEL = "bench_idle"
+
+
+class WorkerError(Exception):
+    pass
+
+
+@dataclass
+class Params:
+    fanout: list[int]
+    ceiling_readers: int
+    warmup: float
+    duration: float
+    batch: int
+    payload_size: int
+    paced_readers: int
+    paced_rate: float
+    paced_seconds: float
+    channels: int
+    channel_readers: int
+    writers: int
+    connections: list[int]
+    concurrency: int = 50  # handshakes in flight per load-generator process
+
+
+@dataclass
+class Env:
+    pg: Postgres
+    secret: str
+    workdir: Path
+    params: Params
+    token_r: str = ""
+    token_w: str = ""
+    ctx: Any = field(default_factory=lambda: multiprocessing.get_context("spawn"))
+    # profiling: None, or (format, output path) for py-spy during the measured window
+    profile: tuple[str, Path] | None = None
+
+
+# -- worker processes ------------------------------------------------------------------------
+
+
+class Proc:
+    def __init__(self, env: Env, target: Any, *args: Any) -> None:
+        self.conn, child = env.ctx.Pipe()
+        self.p = env.ctx.Process(target=target, args=(child, *args), daemon=True)
+        self.p.start()
+        child.close()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        self.conn.send(msg)
+
+    def recv(self, timeout: float = 60) -> tuple[Any, ...]:
+        if not self.conn.poll(timeout):
+            raise WorkerError(f"no answer from a load-generator process within {timeout} s")
+        msg = self.conn.recv()
+        if msg[0] == "error":
+            raise WorkerError(msg[1])
+        return msg
+
+    def go(self, timing: dict[str, float]) -> None:
+        self.send(("go", timing))
+
+    def result(self, timeout: float = 60) -> dict[str, Any]:
+        return self.recv(timeout)[1]
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(("quit",))
+        except (OSError, ValueError):
+            pass
+        self.p.join(5)
+        if self.p.is_alive():
+            self.p.terminate()
+            self.p.join(5)
+        self.conn.close()
+
+
+class Fleet:
+    """Several WebSocket load-generator processes sharing the connections."""
+
+    def __init__(self, env: Env, port: int, nprocs: int) -> None:
+        self.procs = [Proc(env, loadgen.ws_worker, "127.0.0.1", port, env.params.payload_size)
+                      for _ in range(nprocs)]
+
+    def open(self, paths: list[str], concurrency: int, writer: bool = False,
+             timeout: float = 180) -> dict[str, Any]:
+        n = len(self.procs)
+        for i, p in enumerate(self.procs):
+            p.send(("open", paths[i::n], concurrency, writer))
+        stats = [p.recv(timeout)[1] for p in self.procs]
+        errors: dict[str, int] = {}
+        for s in stats:
+            for k, v in s["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        firsts = [s["t_first"] for s in stats if s["t_first"]]
+        lasts = [s["t_last"] for s in stats if s["t_last"]]
+        return {
+            "ok": sum(s["ok"] for s in stats), "failed": sum(s["failed"] for s in stats),
+            "open": sum(s["open"] for s in stats), "errors": errors,
+            "t_first": min(firsts) if firsts else None, "t_last": max(lasts) if lasts else None,
+            "cpu": sum(s["cpu"] for s in stats), "hs_time": sum(s["hs_time"] for s in stats),
+        }
+
+    def go(self, timing: dict[str, float]) -> None:
+        for p in self.procs:
+            p.go(timing)
+
+    def results(self, timeout: float = 60) -> list[dict[str, Any]]:
+        return [p.result(timeout) for p in self.procs]
+
+    def watch(self, seconds: float) -> int:
+        until = time.time() + seconds
+        for p in self.procs:
+            p.send(("watch", until))
+        return sum(p.recv(seconds + 30)[1] for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+
+def procs_for(n: int) -> int:
+    """Load-generator processes for n connections: one up to 100, two up to 2000, else 2500 each."""
+    if n <= 100:
+        return 1
+    if n <= 2000:
+        return 2
+    return math.ceil(n / 2500)
+
+
+def ready(procs: list[Proc], timeout: float = 60) -> None:
+    for p in procs:
+        msg = p.recv(timeout)
+        if msg[0] != "ready":
+            raise WorkerError(f"unexpected message {msg[0]}")
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    hist: dict[int, int] = {}
+    drops: dict[str, int] = {}
+    for r in results:
+        for k, v in r.get("hist", {}).items():
+            hist[k] = hist.get(k, 0) + v
+        for k, v in (r.get("drops") or {}).items():
+            drops[k] = drops.get(k, 0) + v
+    return {
+        "count": sum(r.get("count", 0) for r in results),
+        "sent": sum(r.get("sent", 0) for r in results),
+        "cpu": sum(r.get("cpu", 0.0) for r in results),
+        "lat_max": max((r.get("lat_max", 0.0) for r in results), default=0.0),
+        "hist": hist,
+        "drops": drops,
+    }
+
+
+def percentile_ms(hist: dict[int, int], q: float) -> float | None:
+    total = sum(hist.values())
+    if not total:
+        return None
+    goal = q * total
+    cum = 0
+    for k in sorted(hist):
+        cum += hist[k]
+        if cum >= goal:
+            return (k + 0.5) * 1000 / loadgen.BUCKETS_PER_SECOND
+    return None
+
+
+def timing_for(warmup: float, duration: float, grace: float) -> dict[str, float]:
+    t_begin = time.time() + 0.5
+    t_start = t_begin + warmup
+    t_end = t_start + duration
+    return {"t_begin": t_begin, "t_start": t_start, "t_end": t_end, "t_stop": t_end + grace}
+
+
+def sleep_until(t: float) -> None:
+    while True:
+        left = t - time.time()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+
+
+class Window:
+    """Server and PostgreSQL CPU over the measured window, and a py-spy profile if asked."""
+
+    def __init__(self, env: Env, server: Any, timing: dict[str, float]) -> None:
+        self.env, self.server, self.timing = env, server, timing
+        self.spy: subprocess.Popen[Any] | None = None
+
+    def measure(self) -> dict[str, Any]:
+        t = self.timing
+        server, pg = self.server, self.env.pg
+        sleep_until(t["t_start"])
+        w0 = time.time()
+        h0 = host_busy()
+        s0 = server.cpu() if server else 0.0
+        p0 = pg.cpu()
+        if server is not None and self.env.profile is not None:
+            fmt, out = self.env.profile
+            py_spy = Path(sys.executable).parent / "py-spy"
+            self.spy = subprocess.Popen(
+                [str(py_spy), "record", "--pid", str(server.pid), "--duration",
+                 str(int(round(t["t_end"] - t["t_start"]))), "--rate", "250",
+                 "--format", fmt, "-o", str(out),
+                 *(["--nolineno"] if fmt == "raw" else [])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sleep_until(t["t_end"])
+        w1 = time.time()
+        h1 = host_busy()
+        s1 = server.cpu() if server else 0.0
+        p1 = pg.cpu()
+        rss = server.rss_kb() if server else 0
+        if self.spy is not None:
+            try:
+                self.spy.wait(30)
+            except subprocess.TimeoutExpired:
+                self.spy.kill()
+                self.spy.wait()
+        wall = w1 - w0
+        return {"wall": wall, "host_cpu": (h1 - h0) / wall,
+                "srv_cpu": (s1 - s0) / wall if server else None,
+                "pg_cpu": (p1 - p0) / wall, "srv_rss_mb": rss / 1024 if server else None}
+
+
+def record(name: str, metric: str, unit: str, got: dict[str, Any], win: dict[str, Any],
+           lg_results: list[dict[str, Any]], duration: float, **extra: Any) -> dict[str, Any]:
+    lg_cpu = sum(r.get("cpu", 0.0) for r in lg_results) / win["wall"]
+    ours = lg_cpu + (win["srv_cpu"] or 0.0) + win["pg_cpu"]
+    value = got["count"] / duration
+    rec = {
+        "name": name, "metric": metric, "unit": unit,
+        "value": value,
+        "p50_ms": percentile_ms(got["hist"], 0.5),
+        "p99_ms": percentile_ms(got["hist"], 0.99),
+        "max_ms": got["lat_max"] * 1000 if got["count"] else None,
+        "lg_cpu": lg_cpu, "srv_cpu": win["srv_cpu"], "srv_rss_mb": win["srv_rss_mb"],
+        "pg_cpu": win["pg_cpu"], "drops": got.get("drops") or {},
+        "host_cpu": win["host_cpu"], "other_cpu": max(0.0, win["host_cpu"] - ours),
+        "per_srv_core": value / win["srv_cpu"] if win["srv_cpu"] else None,
+    }
+    rec.update(extra)
+    return rec
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+
+def _start_pgws(env: Env) -> Pgws:
+    server = Pgws(env.pg.uri, env.secret, env.workdir)
+    server.start()
+    return server
+
+
+def _check_open(opened: dict[str, Any], want: int, what: str) -> None:
+    if opened["ok"] < want:
+        raise WorkerError(f"{what}: only {opened['ok']} of {want} WebSockets opened; errors: "
+                          f"{opened['errors']}")
+
+
+def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_channel: int,
+            mode: str = "flood", rate: float = 0.0, duration: float | None = None,
+            warmup: float | None = None) -> dict[str, Any]:
+    """Readers on pgws (a producer notifies through PostgreSQL) or on the broadcast server."""
+    p = env.params
+    duration = duration or p.duration
+    warmup = p.warmup if warmup is None else warmup
+    server: Any = None
+    fleet = producer = None
+    try:
+        if ceiling:
+            server = Ceiling(env.workdir)
+            port = server.start()
+            paths = ["/ceiling"] * (len(channels) * per_channel)
+        else:
+            server = _start_pgws(env)
+            port = server.port
+            paths = [f"/{ch}/{env.token_r}" for ch in channels for _ in range(per_channel)]
+        fleet = Fleet(env, port, procs_for(len(paths)))
+        opened = fleet.open(paths, p.concurrency)
+        _check_open(opened, len(paths), name)
+        if not ceiling:
+            producer = Proc(env, loadgen.producer_worker, env.pg.uri, channels, mode, p.batch,
+                            rate, p.payload_size)
+            ready([producer])
+        grace = 0.5 if mode == "paced" else 0.3
+        timing = timing_for(warmup, duration, grace)
+        fleet.go(timing)
+        if ceiling:
+            go = f"go {timing['t_begin']} {timing['t_end']} {p.payload_size}"
+            if mode == "paced":
+                go += f" {rate}"
+            assert server.command(go) == "started"
+        else:
+            producer.go(timing)
+        win = Window(env, server, timing).measure()
+        res = fleet.results(timeout=duration + 60)
+        prod = producer.result(timeout=60) if producer else {"sent": 0, "cpu": 0.0}
+        if ceiling:
+            messages = int(server.answer(timeout=30).split()[1])
+            sent_rate = None
+        else:
+            messages = prod["sent"]
+            sent_rate = prod["sent"] / duration
+        got = merge(res)
+        return record(name, "deliveries/s", "deliveries/s", got, win, res + [prod], duration,
+                      readers=len(paths), sent_rate=sent_rate, messages=messages,
+                      lg_cpu_producer=prod["cpu"] / win["wall"],
+                      server_warnings=None if ceiling else server.warnings())
+    finally:
+        if producer:
+            producer.stop()
+        if fleet:
+            fleet.stop()
+        if server:
+            server.stop()
+
+
+def fanout(env: Env, n: int) -> dict[str, Any]:
+    return readers(env, f"fanout-{n}", ceiling=False, channels=[FANOUT_CHANNEL], per_channel=n)
+
+
+def stack_ceiling(env: Env) -> dict[str, Any]:
+    n = env.params.ceiling_readers
+    return readers(env, f"stack-ceiling-{n}", ceiling=True, channels=[FANOUT_CHANNEL],
+                   per_channel=n)
+
+
+def paced(env: Env) -> dict[str, Any]:
+    p = env.params
+    return readers(env, "paced", ceiling=False, channels=[FANOUT_CHANNEL],
+                   per_channel=p.paced_readers, mode="paced", rate=p.paced_rate,
+                   duration=p.paced_seconds, warmup=min(1.0, p.warmup))
+
+
+def paced_ceiling(env: Env) -> dict[str, Any]:
+    p = env.params
+    return readers(env, "paced-ceiling", ceiling=True, channels=[FANOUT_CHANNEL],
+                   per_channel=p.paced_readers, mode="paced", rate=p.paced_rate,
+                   duration=p.paced_seconds, warmup=min(1.0, p.warmup))
+
+
+def channels(env: Env) -> dict[str, Any]:
+    p = env.params
+    names = [f"bench_ch{i:05d}" for i in range(p.channels)]
+    return readers(env, "channels", ceiling=False, channels=names, per_channel=p.channel_readers)
+
+
+def pg_ceiling(env: Env) -> dict[str, Any]:
+    """The producer with one plain psycopg2 LISTEN client and no pgws."""
+    p = env.params
+    listener = producer = None
+    try:
+        listener = Proc(env, loadgen.listener_worker, env.pg.uri, FANOUT_CHANNEL, "raw")
+        producer = Proc(env, loadgen.producer_worker, env.pg.uri, [FANOUT_CHANNEL], "flood",
+                        p.batch, 0.0, p.payload_size)
+        ready([listener, producer])
+        timing = timing_for(p.warmup, p.duration, 0.3)
+        listener.go(timing)
+        producer.go(timing)
+        win = Window(env, None, timing).measure()
+        got = listener.result(timeout=p.duration + 60)
+        prod = producer.result(timeout=60)
+        return record("pg-ceiling", "notifications/s", "notifications/s", merge([got]), win,
+                      [got, prod], p.duration, readers=1, sent_rate=prod["sent"] / p.duration,
+                      lg_cpu_producer=prod["cpu"] / win["wall"])
+    finally:
+        for w in (producer, listener):
+            if w:
+                w.stop()
+
+
+def writers(env: Env) -> dict[str, Any]:
+    """`writers` WebSockets (mode w) sending as fast as they can; envelopes at a plain LISTEN."""
+    p = env.params
+    server = fleet = listener = None
+    try:
+        server = _start_pgws(env)
+        listener = Proc(env, loadgen.listener_worker, env.pg.uri, WRITE_CHANNEL, "envelope")
+        ready([listener])
+        fleet = Fleet(env, server.port, 1 if p.writers <= 50 else 2)
+        opened = fleet.open([f"/{WRITE_CHANNEL}/{env.token_w}"] * p.writers, p.concurrency,
+                            writer=True)
+        _check_open(opened, p.writers, "writers")
+        timing = timing_for(p.warmup, p.duration, 0.3)
+        fleet.go(timing)
+        listener.go(timing)
+        win = Window(env, server, timing).measure()
+        res = fleet.results(timeout=p.duration + 60)
+        got = listener.result(timeout=60)
+        sent = merge(res)
+        return record("writers", "envelopes/s", "envelopes/s", merge([got]), win, res + [got],
+                      p.duration, writers=p.writers, sent_rate=sent["sent"] / p.duration,
+                      drops=sent["drops"], server_warnings=server.warnings())
+    finally:
+        for w in (fleet, listener, server):
+            if w:
+                w.stop()
+
+
+def pg_writers(env: Env) -> dict[str, Any]:
+    """The writers baseline: plain psycopg2 connections, one pg_notify per transaction."""
+    p = env.params
+    listener = None
+    workers: list[Proc] = []
+    try:
+        listener = Proc(env, loadgen.listener_worker, env.pg.uri, WRITE_CHANNEL, "envelope")
+        nprocs = 1 if p.writers <= 50 else 2
+        share = [p.writers // nprocs + (1 if i < p.writers % nprocs else 0) for i in range(nprocs)]
+        workers = [Proc(env, loadgen.pg_writers_worker, env.pg.uri, k, WRITE_CHANNEL,
+                        p.payload_size) for k in share]
+        ready([listener, *workers])
+        timing = timing_for(p.warmup, p.duration, 0.3)
+        listener.go(timing)
+        for w in workers:
+            w.go(timing)
+        win = Window(env, None, timing).measure()
+        res = [w.result(timeout=p.duration + 60) for w in workers]
+        got = listener.result(timeout=60)
+        return record("pg-writers", "envelopes/s", "envelopes/s", merge([got]), win, res + [got],
+                      p.duration, writers=p.writers, sent_rate=merge(res)["sent"] / p.duration)
+    finally:
+        for w in (*workers, listener):
+            if w:
+                w.stop()
+
+
+def connections(env: Env) -> dict[str, Any]:
+    """
+    Open idle readers in steps (e.g. 1000, then up to 10000) with many handshakes in flight:
+    handshakes/s per step, pgws's RSS growth per connection after each step, and at the end one
+    notification that every connection must receive (the "served" check).
+    """
+    import psycopg2
+
+    p = env.params
+    server = fleet = None
+    try:
+        server = _start_pgws(env)
+        time.sleep(1.0)
+        rss0 = server.rss_kb()
+        fleet = Fleet(env, server.port, procs_for(max(p.connections)))
+        steps = []
+        total = 0
+        for target in p.connections:
+            add = target - total
+            c0, w0, o0 = server.cpu(), time.time(), listen_overflows()
+            opened = fleet.open([f"/{IDLE_CHANNEL}/{env.token_r}"] * add, p.concurrency)
+            c1, w1, o1 = server.cpu(), time.time(), listen_overflows()
+            total += opened["ok"]
+            span = (opened["t_last"] or w1) - (opened["t_first"] or w0)
+            time.sleep(2.0)  # let the handshakes' garbage go
+            rss = server.rss_kb()
+            steps.append({
+                "connections": total, "attempted": add, "ok": opened["ok"],
+                "failed": opened["failed"], "errors": opened["errors"],
+                "handshakes_per_s": opened["ok"] / span if span > 0 else None,
+                "rss_mb": rss / 1024, "rss_per_conn_kb": (rss - rss0) / total if total else None,
+                "srv_cpu": (c1 - c0) / (w1 - w0), "lg_cpu": opened["cpu"] / (w1 - w0),
+                "listen_overflows": o1 - o0,
+                "per_srv_core": opened["ok"] / (c1 - c0) if c1 > c0 else None,
+                "handshake_ms": opened["hs_time"] * 1000 / opened["ok"] if opened["ok"] else None,
+            })
+            if opened["ok"] < add:
+                break
+        # Served: one notification reaches every open connection.
+        conn = psycopg2.connect(env.pg.uri)
+        conn.autocommit = True
+        fleet_watch = time.time()
+        for proc in fleet.procs:
+            proc.send(("watch", fleet_watch + 5.0))
+        conn.cursor().execute("SELECT pg_notify(%s, %s)",
+                              (IDLE_CHANNEL, loadgen.make_payload(time.time(), 0, 64)))
+        conn.close()
+        received = sum(proc.recv(60)[1] for proc in fleet.procs)
+        last = steps[-1]
+        return {
+            "name": "connections", "metric": "handshakes/s", "unit": "handshakes/s",
+            "value": last["handshakes_per_s"], "p50_ms": None, "p99_ms": None, "max_ms": None,
+            "lg_cpu": last["lg_cpu"], "srv_cpu": last["srv_cpu"], "srv_rss_mb": last["rss_mb"],
+            "pg_cpu": None, "drops": {}, "steps": steps, "rss0_mb": rss0 / 1024,
+            "served": received, "connections": total, "server_warnings": server.warnings(),
+        }
+    finally:
+        for w in (fleet, server):
+            if w:
+                w.stop()
+
+
+def catalogue(params: Params) -> list[tuple[str, Any]]:
+    """Every scenario and baseline, in the order a run performs them."""
+    items: list[tuple[str, Any]] = [("pg-ceiling", pg_ceiling)]
+    for n in params.fanout:
+        items.append((f"fanout-{n}", lambda env, n=n: fanout(env, n)))
+    items += [
+        (f"stack-ceiling-{params.ceiling_readers}", stack_ceiling),
+        ("paced", paced),
+        ("paced-ceiling", paced_ceiling),
+        ("channels", channels),
+        ("pg-writers", pg_writers),
+        ("writers", writers),
+        ("connections", connections),
+    ]
+    return items
