@@ -2,7 +2,7 @@
 Which sockets read which channel; the first reader of a channel asks for C{LISTEN}, the last one
 leaving asks for C{UNLISTEN}.
 
-The registry knows nothing about Autobahn or txpostgres: readers are anything with C{write_frame},
+The registry knows nothing about Autobahn or txpostgres: readers are anything with C{write_frames},
 and the listener is anything with C{listen} / C{unlisten}.  A notification's frame is built once,
 whatever the number of readers, and readers are served in the order notifications are delivered
 here (the caller delivers them in PostgreSQL's order).
@@ -22,8 +22,9 @@ __all__ = ["ChannelRegistry", "Reader", "ListenTarget"]
 
 
 class Reader(Protocol):
-    def write_frame(self, frame: bytes) -> None:
-        """Queue one pre-built WebSocket frame for this reader (never blocks, never raises)."""
+    def write_frames(self, frames: bytes) -> None:
+        """Send pre-built WebSocket frames, one or more back to back, to this reader (never
+        blocks, never raises)."""
 
 
 class ListenTarget(Protocol):
@@ -73,14 +74,20 @@ class ChannelRegistry:
     def readers(self, channel: str) -> int:
         return len(self._readers.get(channel, ()))
 
-    def deliver(self, channel: str, payload: bytes) -> int:
-        """Write one notification to every reader of C{channel}; return how many got it."""
+    def deliver(self, channel: str, payloads: list[bytes]) -> int:
+        """
+        Write consecutive notifications of C{channel} to every reader of it, in order; return
+        how many readers got them.  Each notification's frame is built once, and a reader gets
+        the run's frames in one write (one system call when its socket keeps up).
+        """
         readers = self._readers.get(channel)
         if not readers:
             return 0
-        frame = self._encode_frame(payload)
+        encode = self._encode_frame
+        frames = encode(payloads[0]) if len(payloads) == 1 else b"".join(map(encode, payloads))
         # A reader may leave while we write (a write can close it): iterate over a snapshot.
-        for reader in list(readers):
-            reader.write_frame(frame)
-        self.delivered += len(readers)
-        return len(readers)
+        snapshot = list(readers)
+        for reader in snapshot:
+            reader.write_frames(frames)
+        self.delivered += len(snapshot) * len(payloads)
+        return len(snapshot)

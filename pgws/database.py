@@ -46,6 +46,9 @@ DELIVERIES_PER_SLICE = 20_000
 # ... and at most about this many bytes of frames (the default; see Listener's slice_bytes), so
 # that what one turn hands to the transports, which only flush between turns, stays bounded.
 BYTES_PER_SLICE = 2 * 1024 * 1024
+# Consecutive notifications of one channel are written together, up to this many / bytes.
+MAX_RUN = 256
+MAX_RUN_BYTES = 64 * 1024
 # Stop reading the LISTEN socket while this many notifications wait to be fanned out.
 BACKLOG_PAUSE = 5_000
 # The most messages one NOTIFY statement carries.
@@ -157,7 +160,8 @@ class Listener:
     """
     The one LISTEN session of the process.  C{listen}/C{unlisten} keep the wanted set; the
     connection is made to match it, now and after every reconnect.  Notifications go to
-    C{deliver(channel, payload)} in PostgreSQL's order.
+    C{deliver(channel, [payload, ...])} in PostgreSQL's order, consecutive ones of a channel
+    together (it returns how many readers got them).
 
     The session is watched: libpq keepalives notice a dead link, and every
     C{check_interval} seconds a C{SELECT 1} must answer within that interval or the session is
@@ -177,7 +181,7 @@ class Listener:
         self,
         reactor: Any,
         dsn: str,
-        deliver: Callable[[str, str], Any],
+        deliver: Callable[[str, list[str]], Any],
         check_interval: float = 5.0,
         max_attempts: int = 0,
         gave_up: Callable[[str], None] | None = None,
@@ -385,9 +389,15 @@ class Listener:
         backlog, deliver = self._backlog, self._deliver
         while backlog and budget > 0 and byte_budget > 0:
             channel, payload = backlog.popleft()
-            delivered = deliver(channel, payload) or 0
-            budget -= 1 + delivered
-            byte_budget -= delivered * (len(payload) + 10)
+            run, size = [payload], len(payload)
+            while (backlog and backlog[0][0] == channel and len(run) < MAX_RUN
+                   and size < MAX_RUN_BYTES):
+                payload = backlog.popleft()[1]
+                run.append(payload)
+                size += len(payload)
+            readers = deliver(channel, run) or 0
+            budget -= len(run) * (1 + readers)
+            byte_budget -= readers * (size + 10 * len(run))
         if backlog:
             if len(backlog) >= BACKLOG_PAUSE:
                 self._conn.paused = True

@@ -97,12 +97,31 @@ class Relay(service.Service):
         self._started: defer.Deferred[None] | None = None
         self.exit_status = 0
 
-    def _deliver_function(self) -> Callable[[str, str], int]:
-        """What the listener calls per notification, in PostgreSQL's order."""
+    def _deliver_function(self) -> Callable[[str, list[str]], int]:
+        """
+        What the listener calls with each run of consecutive notifications of one database
+        channel, in PostgreSQL's order; it returns how many readers got them.
+        """
         deliver, route = self.registry.deliver, self.routing.route
         if isinstance(self.routing, PerChannelRouting):  # the hot path: no routing step
-            return lambda channel, payload: deliver(channel, payload.encode("utf-8"))
-        return lambda channel, payload: deliver(route(channel, payload), payload.encode("utf-8"))
+            return lambda channel, payloads: deliver(channel, [p.encode() for p in payloads])
+
+        def routed(db_channel: str, payloads: list[str]) -> int:
+            # Consecutive notifications routed to the same channel still go out together.
+            readers, current = 0, None
+            run: list[bytes] = []
+            for payload in payloads:
+                target = route(db_channel, payload)
+                if target != current and run:
+                    readers = max(readers, deliver(current, run))  # type: ignore[arg-type]
+                    run = []
+                current = target
+                run.append(payload.encode())
+            if run:
+                readers = max(readers, deliver(current, run))  # type: ignore[arg-type]
+            return readers
+
+        return routed
 
     def _gave_up(self, why: str) -> None:
         """Start-up retries exhausted: exit non-zero so that a supervisor restarts pgws."""
