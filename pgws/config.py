@@ -60,6 +60,8 @@ SETTINGS: tuple[Setting, ...] = (
             "maps it), or an address", aliases=("host",)),
     Setting("server-port", int, 3000, "TCP port to listen on (0: any free port)",
             aliases=("port",)),
+    Setting("reuse-port", bool, False,
+            "listen with SO_REUSEPORT, so that several pgws processes share server-port"),
     Setting("server-root", str, None, "folder of static files served over plain HTTP",
             aliases=("root-path",)),
     Setting("audit-channel", str, None, "channel that receives a copy of every client message"),
@@ -148,6 +150,7 @@ class Config:
     max_queued_messages: int = 1000
     allowed_origins: tuple[str, ...] = ("*",)
     shutdown_timeout: int = 10
+    reuse_port: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -384,4 +387,5 @@ def _validate(values: dict[str, Any]) -> Config:
         max_queued_messages=values["max-queued-messages"],
         allowed_origins=tuple(o.strip() for o in values["allowed-origins"].split(",") if o.strip()),
         shutdown_timeout=values["shutdown-timeout"],
+        reuse_port=values["reuse-port"],
     )

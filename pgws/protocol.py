@@ -220,6 +220,20 @@ class RelayProtocol(WebSocketServerProtocol):
         self._meta_event("ConnectionOpen")
         _log.info("WebSocket from {peer} open: mode {mode}, channels {channels}", peer=self.peer,
                   mode=grant.mode, channels=",".join(grant.channels))
+        self._forget_handshake()
+
+    # What Autobahn keeps of the opening handshake and never reads again: a few KB per idle
+    # socket (the request, its headers, the offered subprotocols -- a token among them).
+    _HANDSHAKE_ATTRIBUTES = (
+        "http_request_data", "http_headers", "http_status_line", "http_request_uri",
+        "http_request_path", "http_request_params", "http_request_host", "http_response_data",
+        "websocket_protocols", "websocket_extensions", "websocket_origin",
+    )
+
+    def _forget_handshake(self) -> None:
+        for name in self._HANDSHAKE_ATTRIBUTES:
+            if name in self.__dict__:
+                setattr(self, name, None)
 
     def _schedule_expiry(self, grant: Grant) -> None:
         """A token with a numeric exp closes its socket at that moment (3001, as the original)."""

@@ -122,6 +122,36 @@ def tls_options(certificate_file: str, key_file: str) -> Any:
               f"{e or e.__class__.__name__}", EXIT_CONFIG)
 
 
+def _listen_reusing_port(reactor: Any, config: Config, site: Any) -> Any:
+    """
+    A listening socket with SO_REUSEPORT, so that several pgws processes share one port and the
+    kernel spreads connections over them (one process per core).
+    """
+    import socket
+
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    interface = config.listen_interface
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, config.server_port))
+        sock.listen(ACCEPT_BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(interface, config.server_port, e) from None
+    factory = site
+    if config.certificate_file and config.key_file:
+        factory = TLSMemoryBIOFactory(tls_options(config.certificate_file, config.key_file),
+                                      False, site)
+    port = reactor.adoptStreamPort(sock.fileno(), family, factory)
+    sock.close()  # the reactor holds its own duplicate
+    return port
+
+
 class _ListeningService(service.Service):
     """Binds the port before the reactor runs, so a taken port is a clean start-up failure."""
 
@@ -135,7 +165,9 @@ class _ListeningService(service.Service):
         super().privilegedStartService()
         config = self._config
         try:
-            if config.certificate_file and config.key_file:
+            if config.reuse_port:
+                self.port = _listen_reusing_port(self._reactor, config, self._site)
+            elif config.certificate_file and config.key_file:
                 self.port = self._reactor.listenSSL(
                     config.server_port, self._site, tls_options(config.certificate_file,
                                                                 config.key_file),

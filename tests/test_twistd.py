@@ -70,6 +70,7 @@ class Twistd:
     """A running `twistd -n pgws` whose log is read from a file."""
 
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.log = tmp_path / "twistd.log"
         self.proc = subprocess.Popen(
             [*TWISTD, "--pidfile=", "-n", "--logfile", str(self.log), "pgws", *args],
@@ -348,3 +349,29 @@ async def test_prompt_reader_is_not_cut_off_after_pgws_stalls(db_uri, tmp_path):
     finally:
         db.close()
         await server.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_share_a_port_with_reuse_port(db_uri, tmp_path):
+    from support import Db
+
+    port = free_port()
+    args = ("--db-uri", db_uri, "--port", str(port), "--server-host", "127.0.0.1",
+            "--reuse-port", "true")
+    first = Twistd(tmp_path / "a", *args, env={"PGWS_JWT_SECRET": SECRET})
+    second = Twistd(tmp_path / "b", *args, env={"PGWS_JWT_SECRET": SECRET})
+    db = Db(db_uri)
+    try:
+        await first.ready()
+        await second.ready()
+        readers = []
+        for _ in range(40):  # the kernel spreads connections over both processes
+            readers.append(await ws_connect(port, "/shared/" + token({"mode": "r"})))
+        assert "channels shared" in first.text() and "channels shared" in second.text()
+        db.notify("shared", "to every reader, whichever process holds it")
+        for reader in readers:
+            assert await reader.next() == "to every reader, whichever process holds it"
+    finally:
+        db.close()
+        assert await first.terminate() == 0
+        assert await second.terminate() == 0
