@@ -48,7 +48,14 @@ class _MountedWebSocketResource(WebSocketResource):
         count = len(request.postpath or ())
         below = b"/" + b"/".join(raw[len(raw) - count:] if count else [])
         request.uri = below + sep + query
-        return super().render(request)
+        result = super().render(request)
+        # The HTTP side is done with this connection: its idle timer would keep the channel and
+        # the request (a few KB) alive for another 10 s per socket.
+        channel = request.channel
+        if channel is not None:
+            channel.setTimeout(None)
+            channel.requests = []
+        return result
 
 
 class _NotFound(resource.Resource):
