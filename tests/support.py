@@ -5,6 +5,7 @@ token minting, a pgws server started in-process on a free port, and outside data
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -131,8 +132,14 @@ class HttpResponse:
 
 
 class _Raw(protocol.Protocol):
-    def __init__(self, request: bytes) -> None:
+    """
+    Sends raw bytes and collects the answer until the server closes; with C{hang_up_after_101}
+    it hangs up itself once a 101 head has arrived (an accepted socket would stay open).
+    """
+
+    def __init__(self, request: bytes, hang_up_after_101: bool = False) -> None:
         self.request = request
+        self.hang_up_after_101 = hang_up_after_101
         self.data = b""
         self.done: defer.Deferred[bytes] = defer.Deferred()
 
@@ -141,6 +148,9 @@ class _Raw(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
+        if (self.hang_up_after_101 and self.data.startswith(b"HTTP/1.1 101 ")
+                and b"\r\n\r\n" in self.data):
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Any) -> None:
         self.done.callback(self.data)
@@ -236,11 +246,11 @@ class Db:
         self.conn.close()
 
 
-def make_certificate(folder: Any) -> tuple[str, str, bytes]:
-    """A self-signed certificate for localhost / 127.0.0.1: (certificate path, key path, PEM)."""
+@functools.cache
+def self_signed_certificate() -> tuple[bytes, bytes]:
+    """A self-signed certificate for localhost / 127.0.0.1: (certificate PEM, key PEM)."""
     import datetime
     import ipaddress
-    from pathlib import Path
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -261,10 +271,17 @@ def make_certificate(folder: Any) -> tuple[str, str, bytes]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def make_certificate(folder: Any) -> tuple[str, str, bytes]:
+    """The self-signed certificate written to C{folder}: (certificate path, key path, PEM)."""
+    from pathlib import Path
+
+    pem, key_pem = self_signed_certificate()
     folder = Path(folder)
     (folder / "cert.pem").write_bytes(pem)
-    (folder / "key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    (folder / "key.pem").write_bytes(key_pem)
     return str(folder / "cert.pem"), str(folder / "key.pem"), pem

@@ -38,7 +38,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from pgws.auth import MODES, Refusal, authorize, split_path
 from pgws.credentials import BEARER_PREFIX, locate
-from support import SECRET, Db, sleep, start_server, token, upgrade_request, wait, ws_connect
+from support import SECRET, Db, _Raw, sleep, start_server, token, upgrade_request, wait, ws_connect
 
 NONE_TOKEN = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJtb2RlIjoicncifQ."
 HS256 = {"alg": "HS256", "typ": "JWT"}
@@ -123,26 +123,6 @@ def forge(header: dict[str, Any] | bytes, payload: dict[str, Any] | bytes,
     return signing_input + "." + b64url(hmac.new(key, signing_input.encode(), digest).digest())
 
 
-class _Exchange(protocol.Protocol):
-    """Reads a raw HTTP answer; after a 101 head it hangs up (the socket would stay open)."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.data = b""
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.data.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in self.data:
-            self.transport.abortConnection()
-
-    def connectionLost(self, reason: Any) -> None:
-        self.done.callback(self.data)
-
-
 class Answer:
     """An HTTP answer; C{status} is None when the server closed without answering."""
 
@@ -163,7 +143,7 @@ class Answer:
 
 async def answer(port: int, path: str) -> Answer:
     """The raw answer to a WebSocket upgrade request for C{path}."""
-    proto = _Exchange(upgrade_request(path))
+    proto = _Raw(upgrade_request(path), hang_up_after_101=True)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     await wait(endpoint.connect(protocol.Factory.forProtocol(lambda: proto)))
     return Answer(await wait(proto.done))

@@ -6,11 +6,9 @@ HTTPS from a local server.  Real crypto throughout; time comes from an injected 
 from __future__ import annotations
 
 import base64
-import datetime
 import functools
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
 import warnings
@@ -19,10 +17,8 @@ from typing import Any
 import jwt
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from twisted.internet import defer, reactor, ssl
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -32,6 +28,7 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 from pgws.auth import Refusal, TokenVerifier
 from pgws.config import ConfigError, load_config
 from pgws.keys import KeysUnavailable, RemoteKeys, cache_seconds
+from support import self_signed_certificate
 
 # Twisted hands pyOpenSSL objects to pyOpenSSL for the test server and its trust root.
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
@@ -552,28 +549,9 @@ async def test_key_file_holding_a_plain_secret_is_not_watched(tmp_path):
 # -- a JWKS fetched over HTTPS -----------------------------------------------------------------
 
 
-@functools.cache
 def certificate() -> tuple[bytes, bytes]:
     """A self-signed certificate for 127.0.0.1 and localhost: (certificate PEM, key PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+    return self_signed_certificate()
 
 
 def trusting_policy() -> BrowserLikePolicyForHTTPS:
