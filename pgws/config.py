@@ -359,33 +359,12 @@ def _validate(values: dict[str, Any]) -> Config:
             except ChannelNameError as e:
                 raise ConfigError(f'"{name}": {e}') from None
 
-    return Config(
+    # Every setting is a Config field of the same name; a few are read or parsed above.
+    fields: dict[str, Any] = {setting.attr: values[setting.key] for setting in SETTINGS}
+    fields.update(
         db_uri=db_uri,
         jwt_secret=secret,
-        db_pool=values["db-pool"],
-        server_host=values["server-host"],
-        server_port=values["server-port"],
-        server_root=root,
-        audit_channel=values["audit-channel"],
-        secret_is_base64=values["secret-is-base64"],
-        embedded_data_dir=values["embedded-data-dir"],
-        embedded_port=values["embedded-port"],
         jwt_secret_file=secret_file,
-        jwt_jwks_url=url,
-        jwt_aud=values["jwt-aud"],
-        jwt_iss=values["jwt-iss"],
-        jwt_leeway=values["jwt-leeway"],
-        listen_channel=values["listen-channel"],
-        meta_channel=values["meta-channel"],
-        retries=values["retries"],
-        check_listener_interval=values["check-listener-interval"],
-        certificate_file=cert,
-        key_file=key,
-        max_connections=values["max-connections"],
-        max_channels=values["max-channels"],
-        max_pending_bytes=values["max-pending-bytes"],
-        max_queued_messages=values["max-queued-messages"],
         allowed_origins=tuple(o.strip() for o in values["allowed-origins"].split(",") if o.strip()),
-        shutdown_timeout=values["shutdown-timeout"],
-        reuse_port=values["reuse-port"],
     )
+    return Config(**fields)
