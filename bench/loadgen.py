@@ -56,6 +56,20 @@ def make_payload(ts: float, seq: int, size: int) -> str:
     return head + "x" * (size - len(head)) if size > len(head) else head
 
 
+def _ready_then_go(pipe: Any) -> tuple[dict[str, float], _Window] | None:
+    """
+    A worker's start: say "ready", wait for "go" (None if told anything else), and return the
+    timing with a window set to it.
+    """
+    pipe.send(("ready", {}))
+    msg = pipe.recv()
+    if msg[0] != "go":
+        return None
+    win = _Window()
+    win.set(msg[1])
+    return msg[1], win
+
+
 class _Window:
     """Counts and a latency histogram for what is received inside [t_start, t_end]."""
 
@@ -476,13 +490,10 @@ def producer_worker(pipe: Any, dsn: str, channels: list[str], mode: str, batch: 
     try:
         conn = _connect(dsn, options="-c synchronous_commit=off")
         cur = conn.cursor()
-        pipe.send(("ready", {}))
-        msg = pipe.recv()
-        if msg[0] != "go":
+        started = _ready_then_go(pipe)
+        if started is None:
             return
-        timing = msg[1]
-        win = _Window()
-        win.set(timing)
+        timing, win = started
         t_begin, t_end = timing["t_begin"], timing["t_end"]
         nch = len(channels)
         seq = 0
@@ -546,13 +557,10 @@ def listener_worker(pipe: Any, dsn: str, channel: str, kind: str) -> None:
 
         conn = _connect(dsn)
         conn.cursor().execute(f"LISTEN {quote_ident(channel)}")
-        pipe.send(("ready", {}))
-        msg = pipe.recv()
-        if msg[0] != "go":
+        started = _ready_then_go(pipe)
+        if started is None:
             return
-        timing = msg[1]
-        win = _Window()
-        win.set(timing)
+        timing, win = started
         ts_of = _envelope_ts if kind == "envelope" else _raw_ts
         hist = win.hist
         fd = conn.fileno()
@@ -607,13 +615,10 @@ def pg_writers_worker(pipe: Any, dsn: str, n: int, channel: str, payload_size: i
                 select.select([conn.fileno()] if state == ext.POLL_READ else [],
                               [conn.fileno()] if state == ext.POLL_WRITE else [], [], 5)
             conns.append(conn)
-        pipe.send(("ready", {}))
-        msg = pipe.recv()
-        if msg[0] != "go":
+        started = _ready_then_go(pipe)
+        if started is None:
             return
-        timing = msg[1]
-        win = _Window()
-        win.set(timing)
+        timing, win = started
         by_fd = {c.fileno(): c for c in conns}
         cursors = {c.fileno(): c.cursor() for c in conns}
         started: dict[int, float] = {}

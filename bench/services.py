@@ -169,7 +169,24 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10) -> Non
         pass
 
 
-class Pgws:
+class _Process:
+    """CPU and memory figures of a service that runs as one child process (C{self.proc})."""
+
+    proc: subprocess.Popen[Any] | None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return proc_cpu(self.pid)
+
+    def rss_kb(self) -> int:
+        return proc_rss_kb(self.pid)
+
+
+class Pgws(_Process):
     """`twistd -n --logfile FILE pgws ...` on 127.0.0.1, any free port."""
 
     def __init__(self, uri: str, secret: str, workdir: Path, extra: list[str] | None = None) -> None:
@@ -217,16 +234,6 @@ class Pgws:
                 raise StartError(f"pgws was not ready within {timeout} s: {self.tail()}")
             time.sleep(0.1)
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def cpu(self) -> float:
-        return proc_cpu(self.pid)
-
-    def rss_kb(self) -> int:
-        return proc_rss_kb(self.pid)
 
     def warnings(self) -> dict[str, Any]:
         """Warnings and errors pgws logged (count, and the first few with peers elided)."""
@@ -259,7 +266,7 @@ class Pgws:
 # -- stack ceiling -----------------------------------------------------------------------------
 
 
-class Ceiling:
+class Ceiling(_Process):
     """bench/broadcast_server.py as a separate process, driven over its control port."""
 
     def __init__(self, workdir: Path) -> None:
@@ -301,16 +308,6 @@ class Ceiling:
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode()
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def cpu(self) -> float:
-        return proc_cpu(self.pid)
-
-    def rss_kb(self) -> int:
-        return proc_rss_kb(self.pid)
 
     def stop(self) -> None:
         if self.control is not None:
