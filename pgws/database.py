@@ -333,10 +333,6 @@ class Listener:
         rows = await self._conn.runQuery("SELECT pg_listening_channels()")
         return [r[0] for r in rows]
 
-    @property
-    def backlog(self) -> int:
-        return len(self._backlog)
-
     def listen(self, channel: str) -> None:
         self._wanted.add(channel)
         if self.connected:

@@ -93,12 +93,9 @@ CLOSE_JWT_EXPIRED = 3001
 
 def _pending_bytes(transport: Any) -> int:
     """
-    Bytes a transport holds that the kernel has not taken yet.  Under TLS the wrapper's own
-    transport holds the encrypted bytes.
+    Bytes a transport holds that the kernel has not taken yet.  Under TLS the wrapper forwards
+    these attribute reads to the TCP transport below it, which holds the encrypted bytes.
     """
-    inner = getattr(transport, "transport", None)
-    if inner is not None and not hasattr(transport, "dataBuffer"):
-        transport = inner
     try:
         return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     except AttributeError:
