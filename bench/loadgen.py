@@ -553,7 +553,7 @@ def _raw_ts(payload: str) -> float:
 def listener_worker(pipe: Any, dsn: str, channel: str, kind: str) -> None:
     """A plain psycopg2 LISTEN client: counts notifications and their latency in the window."""
     try:
-        from pgws.channelname import quote_ident
+        from pgws._channelname import quote_ident
 
         conn = _connect(dsn)
         conn.cursor().execute(f"LISTEN {quote_ident(channel)}")

@@ -109,7 +109,7 @@ class Postgres:
     def start(self) -> str:
         import psycopg2
 
-        from pgws.embedded import EmbeddedPostgres
+        from pgws._embedded import EmbeddedPostgres
 
         self.dir = Path(tempfile.mkdtemp(prefix="pgws-bench-pg-", dir="/tmp"))
         first = EmbeddedPostgres(data_dir=self.dir, port=0)

@@ -17,7 +17,7 @@ def db_uri() -> Iterator[str]:
     if uri:
         yield uri
         return
-    from pgws.embedded import EmbeddedPostgres  # only when no database is given
+    from pgws._embedded import EmbeddedPostgres  # only when no database is given
 
     server = EmbeddedPostgres(port=0, throwaway=True)
     try:

@@ -17,9 +17,9 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from pgws.config import load_config
-from pgws.service import Relay
-from pgws.web import make_site
+from pgws._config import load_config
+from pgws._service import Relay
+from pgws._web import make_site
 
 SECRET = "reallyreallyreallyreallyverysafe"
 TIMEOUT = 10.0

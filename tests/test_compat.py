@@ -8,7 +8,7 @@ import time
 import pytest
 import pytest_twisted
 
-from pgws.config import load_config
+from pgws._config import load_config
 from support import Db, handshake, sleep, start_server, token, wait, ws_connect
 
 LISTEN = "postgres-websockets-listener"
@@ -166,7 +166,7 @@ def test_postgres_websockets_environment_names():
     ("PGWS_CERTIFICATE_FILE", "/nonexistent.pem", '"key-file" is missing'),
 ])
 def test_postgres_websockets_environment_misuse(name, value, fragment):
-    from pgws.config import ConfigError
+    from pgws._config import ConfigError
 
     env = {"PGWS_DB_URI": "x", "PGWS_JWT_SECRET": "s", name: value}
     with pytest.raises(ConfigError) as info:

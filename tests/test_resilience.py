@@ -20,7 +20,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from pgws.embedded import EmbeddedPostgres
+from pgws._embedded import EmbeddedPostgres
 from support import (Db, _Raw, handshake, http_request, sleep, start_server, token,
                      upgrade_request, wait, ws_connect)
 

@@ -2,4 +2,4 @@
 
 from twisted.application.service import ServiceMaker
 
-pgws = ServiceMaker("pgws", "pgws.tap", "WebSocket <-> PostgreSQL LISTEN/NOTIFY relay", "pgws")
+pgws = ServiceMaker("pgws", "pgws._tap", "WebSocket <-> PostgreSQL LISTEN/NOTIFY relay", "pgws")

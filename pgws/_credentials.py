@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from pgws.auth import Refusal, split_path
+from pgws._auth import Refusal, split_path
 
 __all__ = ["BEARER_PREFIX", "SUBPROTOCOL", "locate"]
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from pgws.frames import text_frame
+from pgws._frames import text_frame
 
 __all__ = ["ChannelRegistry", "Reader", "ListenTarget"]
 

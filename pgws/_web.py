@@ -17,8 +17,8 @@ from twisted.internet.defer import Deferred
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web import http, resource, server
 
-from pgws.protocol import RelayFactory
-from pgws.redact import redact_path
+from pgws._protocol import RelayFactory
+from pgws._redact import redact_path
 
 with warnings.catch_warnings():
     # twisted.web.static warns about a deprecated name on import.

@@ -8,7 +8,7 @@ Opening: C{GET /<channel>/<jwt>} or C{GET /<jwt>} with a WebSocket upgrade.  The
 percent-decoded; a query string is ignored.  The token may instead travel in an offered
 subprotocol C{pgws.bearer.<jwt>} (offer C{pgws} too; pgws answers C{pgws}) or in an
 C{Authorization: Bearer <jwt>} header, and the path is then C{/<channel>} or C{/} (see
-L{pgws.credentials}).  The token decides what the socket may do (see L{pgws.auth}).  A refusal is
+L{pgws._credentials}).  The token decides what the socket may do (see L{pgws._auth}).  A refusal is
 an HTTP response before any WebSocket opens, with a one-line C{text/plain} body saying why:
 
     400  the path is not /<channel>/<jwt> or /<jwt>
@@ -16,8 +16,8 @@ an HTTP response before any WebSocket opens, with a one-line C{text/plain} body 
     403  a valid token that does not allow the request (mode, channel, channel name)
 
 Client -> database (modes C{w}, C{rw}): each text message becomes, for each channel of the socket,
-C{pg_notify(<channel>, <envelope>)} with the envelope of L{pgws.envelope} (with C{listen-channel}
-set, C{pg_notify(<listen-channel>, <envelope>)}: see L{pgws.routing}); with an audit channel
+C{pg_notify(<channel>, <envelope>)} with the envelope of L{pgws._envelope} (with C{listen-channel}
+set, C{pg_notify(<listen-channel>, <envelope>)}: see L{pgws._routing}); with an audit channel
 configured the same envelope is also notified there.  A socket's messages reach PostgreSQL in the
 order it sent them.  Messages from a read-only socket are not relayed (logged once per socket).
 
@@ -69,14 +69,14 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from pgws.auth import Grant, Refusal, TokenVerifier, authorize
-from pgws.channelname import show_channel
-from pgws.credentials import SUBPROTOCOL, accepted_subprotocol, locate
-from pgws.channels import ChannelRegistry
-from pgws.database import NotifyPool, Outbox, plural
-from pgws.envelope import NOTIFY_PAYLOAD_LIMIT, EnvelopeEncoder, envelope_size
-from pgws.redact import redact
-from pgws.routing import PerChannelRouting, Routing
+from pgws._auth import Grant, Refusal, TokenVerifier, authorize
+from pgws._channelname import show_channel
+from pgws._credentials import SUBPROTOCOL, accepted_subprotocol, locate
+from pgws._channels import ChannelRegistry
+from pgws._database import NotifyPool, Outbox, plural
+from pgws._envelope import NOTIFY_PAYLOAD_LIMIT, EnvelopeEncoder, envelope_size
+from pgws._redact import redact
+from pgws._routing import PerChannelRouting, Routing
 
 __all__ = ["RelayFactory", "RelayProtocol"]
 

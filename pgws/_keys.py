@@ -1,7 +1,7 @@
 """
 Where the keys that check tokens come from: the C{jwt-secret} setting (a plain HMAC secret, a JWK
 or a JWKS, possibly in a file that is re-read when it changes) and a JWKS fetched from
-C{jwt-jwks-url}.  Which key a given token is checked with is decided in L{pgws.auth}.
+C{jwt-jwks-url}.  Which key a given token is checked with is decided in L{pgws._auth}.
 
 Forms of C{jwt-secret} (after C{@path} and C{secret-is-base64}), told apart by content:
   - a JSON object with C{"keys"}: a JWKS;  a JSON object with C{"kty"}: a single JWK;

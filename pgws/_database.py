@@ -35,7 +35,7 @@ from txpostgres import retrying
 from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 from txpostgres.txpostgres import Connection, ConnectionPool
 
-from pgws.channelname import quote_ident
+from pgws._channelname import quote_ident
 
 __all__ = ["Listener", "NotifyPool", "Outbox", "describe_dsn", "connect_kwargs"]
 

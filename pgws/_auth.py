@@ -1,14 +1,14 @@
 """
 A request path and its token -> a L{Grant} (channels, mode, claims), or a L{Refusal} with a reason.
 
-Functions of their inputs and an injected clock; the keys come from L{pgws.keys}, which may fetch
+Functions of their inputs and an injected clock; the keys come from L{pgws._keys}, which may fetch
 them, so checking a token is asynchronous.  Nothing here knows about sockets.
 
 Rules (the wire protocol of pgws; see the README):
   - Paths are C{/<channel>/<jwt>} or C{/<jwt>}; the channel segment is percent-decoded (UTF-8);
     a query string is ignored.
   - Tokens are checked with the configured keys: a plain HMAC secret (HS256/HS384/HS512), a JWK or
-    a JWKS, and/or a JWKS fetched from a URL (L{pgws.keys}; the kid rules are on L{TokenVerifier}).
+    a JWKS, and/or a JWKS fetched from a URL (L{pgws._keys}; the kid rules are on L{TokenVerifier}).
     C{exp} and C{nbf} are enforced when present, with the configured leeway; C{aud} and C{iss}
     only when they are configured.  Any problem with the token itself, or with getting its keys,
     is a 401.
@@ -32,9 +32,9 @@ from urllib.parse import unquote_to_bytes
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
-from pgws.channelname import ChannelNameError, check_channel_name, show_channel
-from pgws.config import ConfigError, decode_secret
-from pgws.keys import (
+from pgws._channelname import ChannelNameError, check_channel_name, show_channel
+from pgws._config import ConfigError, decode_secret
+from pgws._keys import (
     HMAC_ALGORITHMS,
     Key,
     KeySet,
@@ -112,7 +112,7 @@ def split_path(path: str) -> tuple[str | None, str]:
 
 class TokenVerifier:
     """
-    Checks a token's signature with the configured keys (see L{pgws.keys} for where they come from),
+    Checks a token's signature with the configured keys (see L{pgws._keys} for where they come from),
     then its time claims against an injected clock (so expiry is testable without sleeping), then
     the audience and issuer when they are configured.
 

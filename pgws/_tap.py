@@ -16,10 +16,10 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from pgws.config import SETTINGS, Config, ConfigError, env_names, load_config
-from pgws.embedded import EmbeddedPostgres, EmbeddedPostgresError
-from pgws.service import Relay
-from pgws.web import make_site
+from pgws._config import SETTINGS, Config, ConfigError, env_names, load_config
+from pgws._embedded import EmbeddedPostgres, EmbeddedPostgresError
+from pgws._service import Relay
+from pgws._web import make_site
 
 __all__ = ["Options", "makeService"]
 

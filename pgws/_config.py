@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from pgws.channelname import ChannelNameError, check_channel_name
+from pgws._channelname import ChannelNameError, check_channel_name
 
 __all__ = ["Config", "ConfigError", "SETTINGS", "Setting", "load_config", "env_names"]
 

@@ -1,7 +1,7 @@
 """
 The relay as a Twisted service: it owns the LISTEN session, the NOTIFY pool, the channel registry
 and the WebSocket factory, and hands out the resource to mount.  This is what a program that
-embeds pgws uses; C{twistd -n pgws} uses it through L{pgws.tap}.
+embeds pgws uses; C{twistd -n pgws} uses it through L{pgws._tap}.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pgws.auth import TokenVerifier
-from pgws.channels import ChannelRegistry
-from pgws.config import Config
-from pgws.database import Listener, NotifyPool, describe_dsn, describe_error, fired, within
-from pgws.protocol import RelayFactory
-from pgws.routing import ListenChannelRouting, PerChannelRouting, Routing
-from pgws.web import RelayResource
+from pgws._auth import TokenVerifier
+from pgws._channels import ChannelRegistry
+from pgws._config import Config
+from pgws._database import Listener, NotifyPool, describe_dsn, describe_error, fired, within
+from pgws._protocol import RelayFactory
+from pgws._routing import ListenChannelRouting, PerChannelRouting, Routing
+from pgws._web import RelayResource
 
 __all__ = ["Relay"]
 
