@@ -54,6 +54,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("db-uri", str, None,
             'PostgreSQL to relay through: a postgres:// URI, a libpq keyword string, "@path" to '
             'read it from a file, or "embedded" to start a private server', required=True),
+    Setting("application-name", str, "pgws",
+            'how PostgreSQL names pgws\'s sessions (pg_stat_activity): "<name> listener" for the '
+            'LISTEN session, "<name> notify" for the pool; give each deployment its own'),
     Setting("db-pool", int, 10, "connections in the NOTIFY pool", aliases=("pool-size",)),
     Setting("server-host", str, "*4",
             'address to listen on: "*4" all IPv4, "*6" or "*" all IPv6 (and IPv4 where the OS '
@@ -126,6 +129,7 @@ class Config:
     db_uri: str = field(repr=False)
     jwt_secret: bytes | None = field(repr=False)
     db_pool: int = 10
+    application_name: str = "pgws"
     server_host: str = "*4"
     server_port: int = 3000
     server_root: str | None = None

@@ -187,8 +187,10 @@ class Listener:
         gave_up: Callable[[str], None] | None = None,
         recovered: Callable[[], None] | None = None,
         slice_bytes: int = BYTES_PER_SLICE,
+        application_name: str = "pgws",
     ) -> None:
         self._reactor = reactor
+        self._application_name = f"{application_name} listener"
         self._slice_bytes = slice_bytes
         self._dsn = dsn
         self._deliver = deliver
@@ -246,7 +248,7 @@ class Listener:
                 attempt += 1
                 conn = self._conn
                 try:
-                    await conn.connect(self._dsn, **connect_kwargs("pgws listener"))
+                    await conn.connect(self._dsn, **connect_kwargs(self._application_name))
                     if conn is self._conn:
                         await self._listen_all()
                         if self.connected:
@@ -423,16 +425,18 @@ class _PoolConnection(_QuietConnection):
 class NotifyPool:
     """C{db-pool} connections that run C{pg_notify}; each statement is its own transaction."""
 
-    def __init__(self, reactor: IReactorCore | IReactorTime | Any, dsn: str, size: int) -> None:
+    def __init__(self, reactor: IReactorCore | IReactorTime | Any, dsn: str, size: int,
+                 application_name: str = "pgws") -> None:
         self._dsn = dsn
+        self._settings = connect_kwargs(f"{application_name} notify")
         pool_class = type("_Pool", (ConnectionPool,), {
             "connectionFactory": _PoolConnection, "reactor": reactor, "min": size})
-        self._pool = pool_class(None, dsn, **connect_kwargs("pgws notify"))
+        self._pool = pool_class(None, dsn, **self._settings)
 
     async def start(self) -> None:
         ds = []
         for conn in self._pool.connections:
-            d = conn.connect(self._dsn, **connect_kwargs("pgws notify"))
+            d = conn.connect(self._dsn, **self._settings)
             d.addErrback(conn.detector.checkForDeadConnection)
             ds.append(d)
         results = await defer.DeferredList(ds, consumeErrors=True)

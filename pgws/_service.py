@@ -57,7 +57,7 @@ class Relay(service.Service):
         self.db_uri = db_uri or config.db_uri
         if self.db_uri == "embedded":
             raise ValueError("start the embedded PostgreSQL first and pass its URI as db_uri")
-        self.pool = NotifyPool(reactor, self.db_uri, config.db_pool)
+        self.pool = NotifyPool(reactor, self.db_uri, config.db_pool, config.application_name)
         self.registry = ChannelRegistry(self)
         self.routing: Routing = (
             ListenChannelRouting(config.listen_channel) if config.listen_channel
@@ -74,6 +74,7 @@ class Relay(service.Service):
             gave_up=self._gave_up,
             recovered=lambda: self.factory.tell_gap(),
             slice_bytes=2 * config.max_pending_bytes,
+            application_name=config.application_name,
         )
         self.factory = RelayFactory(
             verifier=TokenVerifier.from_config(config, reactor=reactor, clock=clock,
