@@ -302,27 +302,36 @@ class WsWorker:
     def frames(self, c: _Conn, data: bytes) -> None:
         if c.buf:
             data = c.buf + data
-        n = len(data)
-        i = 0
         now = time.time()
         win = self.win
         counting = win.t_start <= now <= win.t_end
+        i, count = self._scan(c, data, now, counting)
+        c.buf = data[i:] if i < len(data) else b""
+        self.frames_total += count
+        if counting:
+            win.count += count
+        if self.watch_until:
+            self.watch_count += count
+
+    def _scan(self, c: _Conn, data: bytes, now: float, counting: bool) -> tuple[int, int]:
+        """
+        Handle the complete frames at the start of `data`: count the text frames (and record
+        their latencies when `counting`), answer pings, drop the connection at a close.  Returns
+        the bytes used up and the number of text frames.  This is the per-frame hot loop, so it
+        calls nothing for a text frame.
+        """
+        n = len(data)
+        i = 0
         count = 0
+        win = self.win
         hist = win.hist
         lat_max = win.lat_max
         while n - i >= 2:
             ln = data[i + 1] & 127
             h = 2
-            if ln == 126:
-                if n - i < 4:
-                    break
-                ln = (data[i + 2] << 8) | data[i + 3]
-                h = 4
-            elif ln == 127:
-                if n - i < 10:
-                    break
-                ln = int.from_bytes(data[i + 2:i + 10], "big")
-                h = 10
+            if ln >= 126:  # a 16- or 64-bit length follows; if it is cut off, end > n below
+                h = 4 if ln == 126 else 10
+                ln = int.from_bytes(data[i + 2:i + h], "big")
             end = i + h + ln
             if end > n:
                 break
@@ -337,8 +346,7 @@ class WsWorker:
                     if lat is not None:
                         k = int(lat * BUCKETS_PER_SECOND)
                         hist[k] = hist.get(k, 0) + 1
-                        if lat > lat_max:
-                            lat_max = lat
+                        lat_max = lat if lat > lat_max else lat_max
             elif op == 9:  # ping: answer with a pong carrying the same data
                 payload = data[i + h:end]
                 pong = bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
@@ -349,13 +357,8 @@ class WsWorker:
                 self._drop(c, f"close {code}")
                 break
             i = end
-        c.buf = data[i:] if i < n else b""
         win.lat_max = lat_max
-        self.frames_total += count
-        if counting:
-            win.count += count
-        if self.watch_until:
-            self.watch_count += count
+        return i, count
 
     def _send_now(self, c: _Conn) -> None:
         try:
@@ -433,14 +436,8 @@ class WsWorker:
                         return
                     continue
                 c = conns.get(fd)
-                if c is None:
-                    continue
-                if ev & _IN or (ev & _ERR and c.state != 0):
-                    self.on_readable(c)
-                    if c.state == 3:
-                        continue
-                if ev & _OUT or (ev & _ERR and c.state == 0):
-                    self.on_writable(c)
+                if c is not None:
+                    self.on_event(c, ev)
             if self.opening:
                 self.start_more()
                 self._check_opened()
@@ -448,6 +445,15 @@ class WsWorker:
             if now - last_tick >= 0.01:
                 last_tick = now
                 self.tick(now)
+
+    def on_event(self, c: _Conn, ev: int) -> None:
+        """One epoll event of a connection: read first (an error while connecting is a write)."""
+        if ev & _IN or (ev & _ERR and c.state != 0):
+            self.on_readable(c)
+            if c.state == 3:
+                return
+        if ev & _OUT or (ev & _ERR and c.state == 0):
+            self.on_writable(c)
 
 
 def _report(pipe: Any, e: BaseException) -> None:
