@@ -486,6 +486,11 @@ def _connect(dsn: str, **kw: Any) -> Any:
     return conn
 
 
+def _wait_until(t: float, step: float) -> None:
+    while time.time() < t:
+        time.sleep(step)
+
+
 def producer_worker(pipe: Any, dsn: str, channels: list[str], mode: str, batch: int,
                     rate: float, payload_size: int) -> None:
     """
@@ -500,44 +505,13 @@ def producer_worker(pipe: Any, dsn: str, channels: list[str], mode: str, batch: 
         if started is None:
             return
         timing, win = started
-        t_begin, t_end = timing["t_begin"], timing["t_end"]
-        nch = len(channels)
-        seq = 0
-        sent = 0
-        while time.time() < t_begin:
-            time.sleep(0.001)
+        _wait_until(timing["t_begin"], 0.001)
         if mode == "flood":
-            sql = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
-            while True:
-                now = time.time()
-                win.tick(now)
-                if now >= t_end:
-                    break
-                chans = [channels[(seq + j) % nch] for j in range(batch)]
-                pays = [make_payload(now, seq + j, payload_size) for j in range(batch)]
-                seq += batch
-                cur.execute(sql, (chans, pays))
-                if win.t_start <= now < win.t_end:
-                    sent += batch
+            sent = _flood(cur, win, timing["t_end"], channels, batch, payload_size)
         else:
-            interval = 1.0 / rate
-            nxt = t_begin
-            while True:
-                now = time.time()
-                win.tick(now)
-                if now >= t_end:
-                    break
-                if now < nxt:
-                    time.sleep(min(nxt - now, 0.05))
-                    continue
-                nxt += interval
-                cur.execute("SELECT pg_notify(%s, %s)",
-                            (channels[seq % nch], make_payload(time.time(), seq, payload_size)))
-                seq += 1
-                if win.t_start <= now < win.t_end:
-                    sent += 1
-        while time.time() < timing["t_stop"]:
-            time.sleep(0.01)
+            sent = _paced(cur, win, timing["t_begin"], timing["t_end"], channels, rate,
+                          payload_size)
+        _wait_until(timing["t_stop"], 0.01)
         s = win.summary()
         s["sent"] = sent
         pipe.send(("result", s))
@@ -545,6 +519,52 @@ def producer_worker(pipe: Any, dsn: str, channels: list[str], mode: str, batch: 
         conn.close()
     except Exception as e:
         _report(pipe, e)
+
+
+def _flood(cur: Any, win: _Window, t_end: float, channels: list[str], batch: int,
+           payload_size: int) -> int:
+    """The flood producer's loop until t_end; returns the notifications sent inside the window."""
+    nch = len(channels)
+    seq = 0
+    sent = 0
+    sql = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
+    while True:
+        now = time.time()
+        win.tick(now)
+        if now >= t_end:
+            break
+        chans = [channels[(seq + j) % nch] for j in range(batch)]
+        pays = [make_payload(now, seq + j, payload_size) for j in range(batch)]
+        seq += batch
+        cur.execute(sql, (chans, pays))
+        if win.t_start <= now < win.t_end:
+            sent += batch
+    return sent
+
+
+def _paced(cur: Any, win: _Window, t_begin: float, t_end: float, channels: list[str],
+           rate: float, payload_size: int) -> int:
+    """The paced producer's loop until t_end; returns the notifications sent inside the window."""
+    nch = len(channels)
+    seq = 0
+    sent = 0
+    interval = 1.0 / rate
+    nxt = t_begin
+    while True:
+        now = time.time()
+        win.tick(now)
+        if now >= t_end:
+            break
+        if now < nxt:
+            time.sleep(min(nxt - now, 0.05))
+            continue
+        nxt += interval
+        cur.execute("SELECT pg_notify(%s, %s)",
+                    (channels[seq % nch], make_payload(time.time(), seq, payload_size)))
+        seq += 1
+        if win.t_start <= now < win.t_end:
+            sent += 1
+    return sent
 
 
 def _envelope_ts(payload: str) -> float:
