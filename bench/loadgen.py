@@ -626,91 +626,120 @@ def pg_writers_worker(pipe: Any, dsn: str, n: int, channel: str, payload_size: i
     envelope has pgws's shape and size, with the send time where pgws puts the client's text.
     """
     try:
-        import psycopg2
-        import psycopg2.extensions as ext
-
         raise_nofile()
-        ep = select.epoll()
-        conns = []
-        for _ in range(n):
-            conn = psycopg2.connect(dsn, application_name="pgws-bench-writer", async_=1)
-            while True:
-                state = conn.poll()
-                if state == ext.POLL_OK:
-                    break
-                select.select([conn.fileno()] if state == ext.POLL_READ else [],
-                              [conn.fileno()] if state == ext.POLL_WRITE else [], [], 5)
-            conns.append(conn)
+        conns = _connect_async(dsn, n)
         started = _ready_then_go(pipe)
         if started is None:
             return
         timing, win = started
-        by_fd = {c.fileno(): c for c in conns}
-        cursors = {c.fileno(): c.cursor() for c in conns}
-        started: dict[int, float] = {}
-        seq = 0
-        sent = 0
-        sql = "SELECT pg_notify(%s, %s)"
-        claims = '{"mode":"w","message_delivered_at":'
-
-        registered: set[int] = set()
-
-        def wait_for(fd: int, state: int) -> None:
-            mask = _IN if state == ext.POLL_READ else _OUT
-            if fd in registered:
-                ep.modify(fd, mask)
-            else:
-                ep.register(fd, mask)
-                registered.add(fd)
-
-        def issue(fd: int) -> None:
-            """Start the next statement on this connection (until t_end)."""
-            nonlocal seq, sent
-            while True:
-                now = time.time()
-                if now >= timing["t_end"]:
-                    busy.discard(fd)
-                    return
-                text = make_payload(now, seq, payload_size)
-                seq += 1
-                env = (f'{{"event":"WebsocketMessage","channel":"{channel}","payload":"{text}",'
-                       f'"claims":{claims}{now!r}}}}}')
-                cursors[fd].execute(sql, (channel, env))
-                started[fd] = now
-                state = by_fd[fd].poll()
-                if state != ext.POLL_OK:
-                    wait_for(fd, state)
-                    return
-                if win.t_start <= now < win.t_end:
-                    sent += 1
-
-        while time.time() < timing["t_begin"]:
-            time.sleep(0.001)
-        busy = set(by_fd)
-        for fd in list(by_fd):
-            issue(fd)
-        while busy:
-            now = time.time()
-            win.tick(now)
-            if now >= timing["t_stop"]:
-                break
-            for fd, _ev in ep.poll(0.05):
-                if fd not in busy:
-                    continue
-                state = by_fd[fd].poll()
-                if state != ext.POLL_OK:
-                    wait_for(fd, state)
-                    continue
-                if win.t_start <= started[fd] < win.t_end:
-                    sent += 1
-                issue(fd)
-        while time.time() < timing["t_stop"]:
-            time.sleep(0.01)
+        writers = _PgWriters(conns, channel, payload_size, timing, win)
+        _wait_until(timing["t_begin"], 0.001)
+        writers.run()
+        _wait_until(timing["t_stop"], 0.01)
         s = win.summary()
-        s["sent"] = sent
+        s["sent"] = writers.sent
         pipe.send(("result", s))
         pipe.recv()
         for c in conns:
             c.close()
     except Exception as e:
         _report(pipe, e)
+
+
+def _connect_async(dsn: str, n: int) -> list[Any]:
+    """`n` psycopg2 connections in asynchronous mode, each polled until it is connected."""
+    import psycopg2
+    import psycopg2.extensions as ext
+
+    conns = []
+    for _ in range(n):
+        conn = psycopg2.connect(dsn, application_name="pgws-bench-writer", async_=1)
+        while True:
+            state = conn.poll()
+            if state == ext.POLL_OK:
+                break
+            select.select([conn.fileno()] if state == ext.POLL_READ else [],
+                          [conn.fileno()] if state == ext.POLL_WRITE else [], [], 5)
+        conns.append(conn)
+    return conns
+
+
+class _PgWriters:
+    """
+    The writers baseline's epoll loop: each connection runs its next pg_notify as soon as the
+    previous one is done, until t_end; `sent` counts the statements issued inside the window
+    that completed (before t_stop).
+    """
+
+    SQL = "SELECT pg_notify(%s, %s)"
+    CLAIMS = '{"mode":"w","message_delivered_at":'
+
+    def __init__(self, conns: list[Any], channel: str, payload_size: int,
+                 timing: dict[str, float], win: _Window) -> None:
+        import psycopg2.extensions as ext
+
+        self.poll_ok = ext.POLL_OK
+        self.poll_read = ext.POLL_READ
+        self.channel = channel
+        self.payload_size = payload_size
+        self.timing = timing
+        self.win = win
+        self.ep = select.epoll()
+        self.by_fd = {c.fileno(): c for c in conns}
+        self.cursors = {c.fileno(): c.cursor() for c in conns}
+        self.issued_at: dict[int, float] = {}  # when each connection's statement was issued
+        self.registered: set[int] = set()
+        self.busy: set[int] = set()
+        self.seq = 0
+        self.sent = 0
+
+    def wait_for(self, fd: int, state: int) -> None:
+        mask = _IN if state == self.poll_read else _OUT
+        if fd in self.registered:
+            self.ep.modify(fd, mask)
+        else:
+            self.ep.register(fd, mask)
+            self.registered.add(fd)
+
+    def issue(self, fd: int) -> None:
+        """Start the next statement on this connection (until t_end)."""
+        while True:
+            now = time.time()
+            if now >= self.timing["t_end"]:
+                self.busy.discard(fd)
+                return
+            text = make_payload(now, self.seq, self.payload_size)
+            self.seq += 1
+            channel = self.channel
+            env = (f'{{"event":"WebsocketMessage","channel":"{channel}","payload":"{text}",'
+                   f'"claims":{self.CLAIMS}{now!r}}}}}')
+            self.cursors[fd].execute(self.SQL, (channel, env))
+            self.issued_at[fd] = now
+            state = self.by_fd[fd].poll()
+            if state != self.poll_ok:
+                self.wait_for(fd, state)
+                return
+            if self.win.t_start <= now < self.win.t_end:
+                self.sent += 1
+
+    def run(self) -> None:
+        """From t_begin (now) until every connection is done or t_stop."""
+        win, by_fd = self.win, self.by_fd
+        self.busy = set(by_fd)
+        for fd in list(by_fd):
+            self.issue(fd)
+        while self.busy:
+            now = time.time()
+            win.tick(now)
+            if now >= self.timing["t_stop"]:
+                break
+            for fd, _ev in self.ep.poll(0.05):
+                if fd not in self.busy:
+                    continue
+                state = by_fd[fd].poll()
+                if state != self.poll_ok:
+                    self.wait_for(fd, state)
+                    continue
+                if win.t_start <= self.issued_at[fd] < win.t_end:
+                    self.sent += 1
+                self.issue(fd)
