@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,13 +187,40 @@ def brief(rec: dict[str, Any]) -> str:
     return ", ".join(parts) + f" [{rec['seconds']:.0f} s]"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@dataclass
+class Plan:
+    """What this invocation runs, and where its results go (from the command line)."""
+
+    params: Params
+    quick: bool
+    runs: int
+    chosen: list[str]
+    catalogue: dict[str, Any]
+    profile: list[str]
+    quiet: tuple[float, float] | None
+    noisy: float
+    stamp: str
+    out_dir: Path
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
     params = make_params(args)
-    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     catalogue = dict(scenarios.catalogue(params))
     chosen = select(list(catalogue), args.scenarios, params)
     catalogue = dict(scenarios.catalogue(params))  # again: --scenarios fanout-N may add an N
+    quiet_wait = args.quiet_wait if args.quiet_wait is not None else (3.0 if args.quick else 20.0)
+    return Plan(
+        params=params, quick=args.quick, chosen=chosen, catalogue=catalogue,
+        runs=args.runs if args.runs is not None else (1 if args.quick else 3),
+        profile=profiled(args, catalogue),
+        quiet=(args.quiet_cores, quiet_wait) if quiet_wait > 0 else None,
+        noisy=args.noisy if args.noisy is not None else (0.0 if args.quick else 0.4),
+        stamp=datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S") + ("-quick" if args.quick else ""),
+        out_dir=args.out)
+
+
+def profiled(args: argparse.Namespace, catalogue: dict[str, Any]) -> list[str]:
+    """The scenarios --profile names (none if py-spy is missing)."""
     if args.profile is None:
         profile = [] if args.quick else ["fanout-1000", "writers"]
     elif args.profile == "none":
@@ -206,85 +234,105 @@ def main(argv: list[str] | None = None) -> int:
     for p in profile:
         if p not in catalogue:
             raise SystemExit(f"cannot profile unknown scenario {p!r}")
+    return profile
 
-    if args.noisy is None:
-        args.noisy = 0.0 if args.quick else 0.4
-    quiet_wait = args.quiet_wait if args.quiet_wait is not None else (3.0 if args.quick else 20.0)
-    quiet = (args.quiet_cores, quiet_wait) if quiet_wait > 0 else None
 
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S") + ("-quick" if args.quick else "")
-    out_dir: Path = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
+def make_env(pg: services.Postgres, workdir: Path, params: Params) -> Env:
+    import jwt
+
+    secret = secrets.token_hex(32)
+    return Env(pg=pg, secret=secret, workdir=workdir, params=params,
+               token_r=jwt.encode({"mode": "r"}, secret, algorithm="HS256"),
+               token_w=jwt.encode({"mode": "w"}, secret, algorithm="HS256"))
+
+
+def run_quietest(env: Env, name: str, fn: Any, plan: Plan, label: str) -> dict[str, Any]:
+    """
+    run_one; if other processes took more than plan.noisy cores during its window, once more,
+    and the quieter run counts.
+    """
+    rec = run_one(env, name, fn, plan.quiet)
+    if plan.noisy and (rec.get("other_cpu") or 0) > plan.noisy:
+        print(f"{label} {name}: {brief(rec)} -- other processes took "
+              f"{rec['other_cpu']:.2f} cores: running it again", flush=True)
+        again = run_one(env, name, fn, plan.quiet)
+        if (again.get("other_cpu") or 0) < rec["other_cpu"] or "error" in rec:
+            again["noisy_first_try"] = {key: rec.get(key) for key in
+                                        ("value", "p99_ms", "other_cpu")}
+            rec = again
+    return rec
+
+
+def run_scenarios(env: Env, plan: Plan, records: list[dict[str, Any]]) -> None:
+    """Every chosen scenario, plan.runs times; each record is appended as soon as it is done."""
+    runs = plan.runs
+    for k in range(runs):
+        for name in plan.chosen:
+            label = f"[run {k + 1}/{runs}]"
+            rec = run_quietest(env, name, plan.catalogue[name], plan, label)
+            rec["run"] = k + 1
+            records.append(rec)
+            print(f"{label} {name}: {brief(rec)}", flush=True)
+
+
+def run_profiles(env: Env, plan: Plan, profiles: dict[str, Any]) -> None:
+    """Each profiled scenario once with py-spy's raw output and once with a flame graph."""
+    for name in plan.profile:
+        for fmt, suffix in (("raw", "txt"), ("flamegraph", "svg")):
+            path = plan.out_dir / f"{plan.stamp}-profile-{name}.{suffix}"
+            env.profile = (fmt, path)
+            rec = run_one(env, name, plan.catalogue[name], plan.quiet)
+            env.profile = None
+            print(f"[profile {fmt}] {name}: {brief(rec)} -> {path.name}", flush=True)
+            if fmt == "raw" and path.exists():
+                profiles[name] = report.top_functions(path)
+                profiles[name]["file"] = path.name
+                profiles[name]["record"] = {k: rec.get(k) for k in
+                                            ("value", "unit", "srv_cpu", "lg_cpu")}
+            elif fmt == "flamegraph" and name in profiles:
+                profiles[name]["svg"] = path.name if path.exists() else None
+
+
+def measure(plan: Plan, records: list[dict[str, Any]], profiles: dict[str, Any]) -> bool:
+    """
+    Start PostgreSQL, run the scenarios and the profiles, stop everything; returns whether it
+    was interrupted (what was measured until then is in `records` and `profiles`).
+    """
     workdir = Path(tempfile.mkdtemp(prefix="pgws-bench-"))
     pg = services.Postgres()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    atexit.register(services.cleanup)
-    started = time.time()
-    records: list[dict[str, Any]] = []
-    profiles: dict[str, Any] = {}
-    interrupted = False
     try:
-        import jwt
-
-        print(f"pgws benchmark {stamp}: {runs} run(s) of {', '.join(chosen)}", flush=True)
+        print(f"pgws benchmark {plan.stamp}: {plan.runs} run(s) of {', '.join(plan.chosen)}",
+              flush=True)
         print("starting the throwaway PostgreSQL ...", flush=True)
         pg.start()
-        secret = secrets.token_hex(32)
-        env = Env(pg=pg, secret=secret, workdir=workdir, params=params,
-                  token_r=jwt.encode({"mode": "r"}, secret, algorithm="HS256"),
-                  token_w=jwt.encode({"mode": "w"}, secret, algorithm="HS256"))
-        for k in range(runs):
-            for name in chosen:
-                rec = run_one(env, name, catalogue[name], quiet)
-                if args.noisy and (rec.get("other_cpu") or 0) > args.noisy:
-                    print(f"[run {k + 1}/{runs}] {name}: {brief(rec)} -- other processes took "
-                          f"{rec['other_cpu']:.2f} cores: running it again", flush=True)
-                    again = run_one(env, name, catalogue[name], quiet)
-                    if (again.get("other_cpu") or 0) < rec["other_cpu"] or "error" in rec:
-                        again["noisy_first_try"] = {key: rec.get(key) for key in
-                                                    ("value", "p99_ms", "other_cpu")}
-                        rec = again
-                rec["run"] = k + 1
-                records.append(rec)
-                print(f"[run {k + 1}/{runs}] {name}: {brief(rec)}", flush=True)
-        for name in profile:
-            for fmt, suffix in (("raw", "txt"), ("flamegraph", "svg")):
-                path = out_dir / f"{stamp}-profile-{name}.{suffix}"
-                env.profile = (fmt, path)
-                rec = run_one(env, name, catalogue[name], quiet)
-                env.profile = None
-                print(f"[profile {fmt}] {name}: {brief(rec)} -> {path.name}", flush=True)
-                if fmt == "raw" and path.exists():
-                    profiles[name] = report.top_functions(path)
-                    profiles[name]["file"] = path.name
-                    profiles[name]["record"] = {k: rec.get(k) for k in
-                                                ("value", "unit", "srv_cpu", "lg_cpu")}
-                elif fmt == "flamegraph" and name in profiles:
-                    profiles[name]["svg"] = path.name if path.exists() else None
+        env = make_env(pg, workdir, plan.params)
+        run_scenarios(env, plan, records)
+        run_profiles(env, plan, profiles)
     except KeyboardInterrupt:
-        interrupted = True
         print("interrupted: stopping everything", flush=True)
+        return True
     finally:
         services.cleanup()
         pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    return False
 
+
+def write_results(plan: Plan, records: list[dict[str, Any]], profiles: dict[str, Any],
+                  interrupted: bool, started: float) -> None:
+    """The JSON file and the chart, then the table, the ratios and any problems on stdout."""
     summary = report.summarise(records)
-    order = [n for n in chosen if n in summary]
-    rows = report.ratios(summary, params)
-    title = (f"pgws benchmark {stamp} - medians of {runs} run(s), {os.cpu_count()} CPUs, "
-             f"loopback{' (quick)' if args.quick else ''}")
-    json_path = out_dir / f"{stamp}.json"
-    png_path = out_dir / f"{stamp}.png"
+    order = [n for n in plan.chosen if n in summary]
+    rows = report.ratios(summary, plan.params)
+    title = (f"pgws benchmark {plan.stamp} - medians of {plan.runs} run(s), {os.cpu_count()} "
+             f"CPUs, loopback{' (quick)' if plan.quick else ''}")
+    json_path = plan.out_dir / f"{plan.stamp}.json"
+    png_path = plan.out_dir / f"{plan.stamp}.png"
     slim = [{k: v for k, v in r.items() if k != "hist"} for r in records]
     json_path.write_text(json.dumps({
-        "stamp": stamp, "quick": args.quick, "runs": runs, "interrupted": interrupted,
-        "seconds": time.time() - started, "host": host_info(), "params": vars(params),
-        "scenarios": chosen, "summary": summary, "targets": rows, "profiles": profiles,
+        "stamp": plan.stamp, "quick": plan.quick, "runs": plan.runs, "interrupted": interrupted,
+        "seconds": time.time() - started, "host": host_info(), "params": vars(plan.params),
+        "scenarios": plan.chosen, "summary": summary, "targets": rows, "profiles": profiles,
         "records": slim,
     }, indent=1, default=str))
     if order:
@@ -298,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("targets (ratios measured in this run):")
     print(report.ratio_lines(rows))
+    print_problems(records, profiles)
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path.exists() else "")
+          + f" in {time.time() - started:.0f} s")
+
+
+def print_problems(records: list[dict[str, Any]], profiles: dict[str, Any]) -> None:
+    """pgws's warnings, the profiles' top functions, and the failed runs' tracebacks."""
     warned = [(r["name"], r.get("run"), r["server_warnings"]) for r in records
               if (r.get("server_warnings") or {}).get("count")]
     if warned:
@@ -310,6 +365,20 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         if "error" in r:
             print(f"\n{r['name']} (run {r.get('run')}) failed:\n{r.get('traceback', r['error'])}")
-    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path.exists() else "")
-          + f" in {time.time() - started:.0f} s")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan = make_plan(parse_args(argv))
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    atexit.register(services.cleanup)
+    started = time.time()
+    records: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}
+    interrupted = measure(plan, records, profiles)
+    write_results(plan, records, profiles, interrupted, started)
     return 1 if interrupted else 0
