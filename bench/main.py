@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import datetime
 import json
 import os
@@ -20,7 +21,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,12 @@ from bench.scenarios import Env, Params
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-FULL = dict(fanout=[1, 100, 1000, 10000], ceiling_readers=1000, warmup=2.0, duration=8.0,
-            batch=50, payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=10.0,
-            channels=1000, channel_readers=10, writers=100, connections=[1000, 10000])
-QUICK = dict(fanout=[1, 1000], ceiling_readers=1000, warmup=0.5, duration=2.0, batch=50,
-             payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=3.0,
-             channels=100, channel_readers=10, writers=20, connections=[1000, 2000])
+FULL = Params(fanout=[1, 100, 1000, 10000], ceiling_readers=1000, warmup=2.0, duration=8.0,
+              batch=50, payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=10.0,
+              channels=1000, channel_readers=10, writers=100, connections=[1000, 10000])
+QUICK = Params(fanout=[1, 1000], ceiling_readers=1000, warmup=0.5, duration=2.0, batch=50,
+               payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=3.0,
+               channels=100, channel_readers=10, writers=20, connections=[1000, 2000])
 
 
 def _ints(text: str) -> list[int]:
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "--quick; 'none' to skip)")
     g = ap.add_argument_group("sizes (defaults: full run / --quick)")
     g.add_argument("--fanout", type=_ints, help="reader counts of the fanout scenario "
-                   f"({FULL['fanout']} / {QUICK['fanout']})")
+                   f"({FULL.fanout} / {QUICK.fanout})")
     g.add_argument("--ceiling-readers", type=int, help="readers of the stack ceiling (1000)")
     g.add_argument("--duration", type=float, help="measured seconds per run (8 / 2)")
     g.add_argument("--warmup", type=float, help="seconds of load before measuring (2 / 0.5)")
@@ -85,14 +85,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_params(args: argparse.Namespace) -> Params:
-    base = dict(QUICK if args.quick else FULL)
-    for key in base:
-        v = getattr(args, key, None)
-        if v is not None:
-            base[key] = v
-    if base["payload_size"] >= 126 or base["payload_size"] < 30:
+    """The --quick or full sizes, with those given on the command line instead."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Params)
+             if getattr(args, f.name, None) is not None}
+    params = dataclasses.replace(QUICK if args.quick else FULL, **given)
+    if params.payload_size >= 126 or params.payload_size < 30:
         raise SystemExit("--payload-size must be 30..125")
-    return Params(**base)
+    return params
 
 
 def select(names: list[str], spec: str, params: Params) -> list[str]:
@@ -187,7 +186,7 @@ def brief(rec: dict[str, Any]) -> str:
     return ", ".join(parts) + f" [{rec['seconds']:.0f} s]"
 
 
-@dataclass
+@dataclasses.dataclass
 class Plan:
     """What this invocation runs, and where its results go (from the command line)."""
 
