@@ -325,10 +325,11 @@ def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_chan
                 go += f" {rate}"
             assert server.command(go) == "started"
         else:
+            assert producer is not None  # started above for pgws
             producer.go(timing)
         win = Window(env, server, timing).measure()
         res = fleet.results(timeout=duration + 60)
-        prod = producer.result(timeout=60) if producer else {"sent": 0, "cpu": 0.0}
+        prod: dict[str, Any] = producer.result(timeout=60) if producer else {"sent": 0, "cpu": 0.0}
         if ceiling:
             messages = int(server.answer(timeout=30).split()[1])
             sent_rate = None
@@ -453,9 +454,9 @@ def pg_writers(env: Env) -> dict[str, Any]:
         return record("pg-writers", "envelopes/s", "envelopes/s", merge([got]), win, res + [got],
                       p.duration, writers=p.writers, sent_rate=merge(res)["sent"] / p.duration)
     finally:
-        for w in (*workers, listener):
-            if w:
-                w.stop()
+        for proc in (*workers, listener):
+            if proc:
+                proc.stop()
 
 
 def connections(env: Env) -> dict[str, Any]:
