@@ -32,6 +32,7 @@ import time
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import protocol, reactor
+from twisted.internet.address import IPv4Address
 from twisted.protocols.basic import LineReceiver
 
 SLICE = 20_000
@@ -88,8 +89,9 @@ class Broadcast:
         while now >= self.next and budget > 0:  # when late, catch up in one turn (as pgws does)
             frame = self.frame()
             for c in list(clients):
-                if c.state == c.STATE_OPEN:
-                    c.transport.write(frame)
+                t = c.transport
+                if c.state == c.STATE_OPEN and t is not None:  # an open one has its transport
+                    t.write(frame)
                     budget -= 1
             self.next += 1.0 / self.rate
             budget -= 1
@@ -99,7 +101,8 @@ class Broadcast:
         if time.time() >= self.t_end:
             self.done(self.seq)
             return
-        transports = [c.transport for c in clients if c.state == c.STATE_OPEN]
+        transports = [c.transport for c in clients
+                      if c.state == c.STATE_OPEN and c.transport is not None]
         if not transports:
             reactor.callLater(0.001, self.step)
             return
@@ -143,9 +146,14 @@ def main() -> None:
     factory = WebSocketServerFactory(server="bench")
     factory.protocol = BroadcastProtocol
     ws = reactor.listenTCP(args.port, factory, interface="127.0.0.1")
-    control_factory = protocol.ServerFactory.forProtocol(Control)
+    # What ServerFactory.forProtocol(Control) does, but typed as the ServerFactory listenTCP
+    # wants (forProtocol is annotated as returning a plain Factory).
+    control_factory = protocol.ServerFactory()
+    control_factory.protocol = Control
     control = reactor.listenTCP(args.control_port, control_factory, interface="127.0.0.1")
-    print(f"ws {ws.getHost().port} control {control.getHost().port}", flush=True)
+    ws_host, control_host = ws.getHost(), control.getHost()
+    assert isinstance(ws_host, IPv4Address) and isinstance(control_host, IPv4Address)
+    print(f"ws {ws_host.port} control {control_host.port}", flush=True)
     sys.stdout.flush()
     reactor.run()
 
