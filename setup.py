@@ -33,6 +33,7 @@ setup(
             "playwright==1.65.2",
             "ruff==0.17.6",
             "mypy==2.4.1",
+            "mypy-zope==1.0.17",
         ],
         # `python -m bench`: the chart and the profiles.
         "bench": [

@@ -1,8 +1,9 @@
 """
 A request path and its token -> a L{Grant} (channels, mode, claims), or a L{Refusal} with a reason.
 
-Functions of their inputs and an injected clock; the keys come from L{pgws._keys}, which may fetch
-them, so checking a token is asynchronous.  Nothing here knows about sockets.
+Functions of their inputs and an injected clock, and L{Authorizer}, which applies them all; the
+keys come from L{pgws._keys}, which may fetch them, so checking a token is asynchronous.  Nothing
+here knows about sockets.
 
 Rules (the wire protocol of pgws; see the README):
   - Paths are C{/<channel>/<jwt>} or C{/<jwt>}; the channel segment is percent-decoded (UTF-8);
@@ -16,6 +17,9 @@ Rules (the wire protocol of pgws; see the README):
     A C{channels} list limits the connection to those channels; with no channel requested it
     grants all of them.  A token with neither claim opens the requested channel, and is refused
     when no channel is requested.  A valid token that does not allow the request is a 403.
+  - A socket may have at most C{max-channels} channels.  The meta channel (C{meta-channel}) opens
+    only with a token that names it in C{channel} or C{channels}.  Both are 403s.
+  - A token refresh on an open socket must grant the same channels and mode (L{check_refresh}).
 """
 
 from __future__ import annotations
@@ -23,10 +27,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 import jwt
@@ -44,8 +47,10 @@ from pgws._keys import (
     RemoteKeys,
     local_keys,
 )
+from pgws._reactor import default_reactor
 
-__all__ = ["Grant", "Refusal", "TokenVerifier", "split_path", "authorize", "HMAC_ALGORITHMS"]
+__all__ = ["HMAC_ALGORITHMS", "Authorizer", "Grant", "Refusal", "TokenVerifier", "authorize",
+           "check_refresh", "split_path"]
 
 # The longest token we try to parse; a bigger one is refused before any base64 or JSON work.
 # Its claims travel in every envelope, which must stay under PostgreSQL's 8000-byte NOTIFY limit,
@@ -172,12 +177,9 @@ class TokenVerifier:
                 raise ConfigError(f'"jwt-secret": {e}') from None
         remote: RemoteKeys | None = None
         if config.jwt_jwks_url:
-            if reactor is None:
-                from twisted.internet import reactor as default_reactor
-
-                reactor = default_reactor
             try:
-                remote = RemoteKeys(config.jwt_jwks_url, reactor, clock=clock, https_policy=https_policy)
+                remote = RemoteKeys(config.jwt_jwks_url, default_reactor(reactor), clock=clock,
+                                    https_policy=https_policy)
             except KeySetError as e:
                 raise ConfigError(f'"jwt-jwks-url": {e}') from None
         return cls(local, clock, remote=remote, audience=config.jwt_aud, issuer=config.jwt_iss,
@@ -297,14 +299,41 @@ class TokenVerifier:
             raise Refusal(401, "JWT issuer is not accepted")
 
 
-def authorize(claims: Mapping[str, Any], requested: str | None) -> Grant:
-    """Decide, from verified claims and the URL's channel, what the connection may do (or 403)."""
-    mode = claims.get("mode")
+def authorize(claims: Mapping[str, Any], requested: str | None, *, max_channels: int | None = None,
+              meta_channel: str | None = None) -> Grant:
+    """
+    Decide, from verified claims and the URL's channel, what the connection may do (or 403).
+
+    @param max_channels: the most channels one socket may have (C{max-channels}).
+    @param meta_channel: the meta channel, which only a token that names it may open.
+    """
+    mode = _mode(claims)
+    channels = _channels(claims, requested)
+    for name in channels:
+        try:
+            check_channel_name(name)
+        except ChannelNameError as e:
+            raise Refusal(403, str(e)) from None
+    if max_channels is not None and len(channels) > max_channels:
+        raise Refusal(403, f"the token grants {len(channels)} channels; the limit is "
+                           f"{max_channels}")
+    if meta_channel is not None and meta_channel in channels and not _names(claims, meta_channel):
+        raise Refusal(403, f"channel {show_channel(meta_channel)} is the meta channel; only a "
+                           "token that names it may open it")
+    return Grant(channels=tuple(channels), mode=mode, claims=dict(claims))
+
+
+def _mode(claims: Mapping[str, Any]) -> str:
     if "mode" not in claims:
         raise Refusal(403, 'JWT claim "mode" is missing; it must be "r", "w" or "rw"')
+    mode = claims["mode"]
     if not isinstance(mode, str) or mode not in MODES:
         raise Refusal(403, 'JWT claim "mode" must be "r", "w" or "rw"')
+    return mode
 
+
+def _channels(claims: Mapping[str, Any], requested: str | None) -> list[str]:
+    """The channels of the connection: the URL's, or the token's C{channel} / C{channels}."""
     allowed: list[str] | None = None
     if "channels" in claims:
         value = claims["channels"]
@@ -316,21 +345,60 @@ def authorize(claims: Mapping[str, Any], requested: str | None) -> Grant:
             raise Refusal(403, 'JWT claim "channel" must be a string')
         # The seed: a channel claim takes precedence over the channel in the URL.
         requested = claims["channel"]
-
     if requested is not None:
         if allowed is not None and requested not in allowed:
             raise Refusal(403, f"channel {show_channel(requested)} is not allowed by this token")
-        channels = [requested]
-    elif allowed is not None:
-        if not allowed:
-            raise Refusal(403, 'JWT claim "channels" is empty')
-        channels = list(dict.fromkeys(allowed))  # keep order, drop repeats
-    else:
+        return [requested]
+    if allowed is None:
         raise Refusal(403, "no channel: request one in the path or put one in the token")
+    if not allowed:
+        raise Refusal(403, 'JWT claim "channels" is empty')
+    return list(dict.fromkeys(allowed))  # keep order, drop repeats
 
-    for name in channels:
-        try:
-            check_channel_name(name)
-        except ChannelNameError as e:
-            raise Refusal(403, str(e)) from None
-    return Grant(channels=tuple(channels), mode=mode, claims=dict(claims))
+
+def _names(claims: Mapping[str, Any], channel: str) -> bool:
+    """Does the token name C{channel} itself (not merely accept it from the URL)?"""
+    return claims.get("channel") == channel or channel in (claims.get("channels") or ())
+
+
+def check_refresh(old: Grant, new: Grant) -> None:
+    """
+    A refreshed token replaces the old one only if it grants the same channels and mode: a
+    refresh never widens a socket (nor narrows it, which would need a new subscription).
+    """
+    widened = set(new.channels) - set(old.channels)
+    if widened:
+        raise Refusal(403, f"the new token would add channel {show_channel(sorted(widened)[0])}")
+    if not set(new.mode) <= set(old.mode):
+        raise Refusal(403, f'the new token\'s mode "{new.mode}" is wider than "{old.mode}"')
+    if set(new.channels) != set(old.channels) or new.mode != old.mode:
+        raise Refusal(403, "the new token must grant the same channels and mode")
+
+
+class Authorizer:
+    """
+    Every rule of who may open what, in one place: the token's signature and times (the
+    L{TokenVerifier}), its claims against the request (L{authorize}), the server's limits, and
+    what a refresh may change (L{check_refresh}).
+    """
+
+    def __init__(self, verifier: TokenVerifier, max_channels: int,
+                 meta_channel: str | None = None) -> None:
+        self._verifier = verifier
+        self._max_channels = max_channels
+        self._meta_channel = meta_channel
+
+    async def grant(self, requested: str | None, token: str) -> Grant:
+        """What a handshake asking for C{requested} with C{token} may do, or a L{Refusal}."""
+        claims = await self._verifier.claims(token)
+        return authorize(claims, requested, max_channels=self._max_channels,
+                         meta_channel=self._meta_channel)
+
+    async def refresh(self, old: Grant, requested: str | None, token: str) -> Grant:
+        """
+        The grant of a new token for an open socket, or a L{Refusal}.  It is resolved against the
+        opening request (C{requested}), so that channel claims resolve the same way.
+        """
+        new = await self.grant(requested, token)
+        check_refresh(old, new)
+        return new

@@ -1,24 +1,25 @@
 """
-Which sockets read which channel; the first reader of a channel asks for C{LISTEN}, the last one
-leaving asks for C{UNLISTEN}.
+Which sockets read which channel.  The first reader of a database channel makes the listener
+C{LISTEN} to it, the last one leaving makes it C{UNLISTEN}: the registry alone counts readers.
 
-The registry knows nothing about Autobahn or txpostgres: readers are anything with C{write_frames},
-and the listener is anything with C{listen} / C{unlisten}.  A notification's frame is built once,
-whatever the number of readers, and readers are served in the order notifications are delivered
-here (the caller delivers them in PostgreSQL's order).
+The registry knows nothing about Autobahn or txpostgres: readers are anything with
+C{write_frames}, and the listener is anything with C{listen} / C{unlisten} / C{ready}.  With the
+listen-channel routing many pgws channels share one database channel (see L{pgws._routing}).
+A notification's frame is built once, whatever the number of readers, and readers are served in
+the order notifications are delivered here (the fan-out delivers them in PostgreSQL's order).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
-from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 
 from pgws._frames import text_frame
+from pgws._routing import PerChannelRouting, Routing
 
-__all__ = ["ChannelRegistry", "Reader", "ListenTarget"]
+__all__ = ["ChannelRegistry", "ListenTarget", "Reader"]
 
 
 class Reader(Protocol):
@@ -40,18 +41,23 @@ class ChannelRegistry:
     def __init__(
         self,
         listener: ListenTarget,
+        routing: Routing | None = None,
         encode_frame: Callable[[bytes], bytes] = text_frame,
     ) -> None:
         self._listener = listener
+        self._db_channel = (routing or PerChannelRouting()).db_channel
         self._encode_frame = encode_frame
         self._readers: dict[str, dict[Reader, None]] = {}
-        self.delivered = 0  # frames written, a counter for metrics and benchmarks
+        self._read_on: dict[str, int] = {}  # database channel -> pgws channels read through it
 
     def add(self, channel: str, reader: Reader) -> None:
         readers = self._readers.get(channel)
         if readers is None:
             readers = self._readers[channel] = {}
-            self._listener.listen(channel)
+            db = self._db_channel(channel)
+            self._read_on[db] = self._read_on.get(db, 0) + 1
+            if self._read_on[db] == 1:
+                self._listener.listen(db)
         readers[reader] = None
 
     def remove(self, channel: str, reader: Reader) -> None:
@@ -61,15 +67,15 @@ class ChannelRegistry:
         del readers[reader]
         if not readers:
             del self._readers[channel]
-            self._listener.unlisten(channel)
+            db = self._db_channel(channel)
+            self._read_on[db] -= 1
+            if not self._read_on[db]:
+                del self._read_on[db]
+                self._listener.unlisten(db)
 
     def ready(self, channels: Iterable[str]) -> Deferred[Any]:
         """Fires once every one of C{channels} is LISTENed (for opening a socket only then)."""
-        return gatherResults([self._listener.ready(c) for c in channels])
-
-    def channels(self) -> list[str]:
-        """Channels with at least one reader: exactly the ones that must be LISTENed."""
-        return list(self._readers)
+        return gatherResults([self._listener.ready(self._db_channel(c)) for c in channels])
 
     def readers(self, channel: str) -> int:
         return len(self._readers.get(channel, ()))
@@ -89,5 +95,4 @@ class ChannelRegistry:
         snapshot = list(readers)
         for reader in snapshot:
             reader.write_frames(frames)
-        self.delivered += len(snapshot) * len(payloads)
         return len(snapshot)

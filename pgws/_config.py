@@ -19,11 +19,10 @@ import binascii
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 from pgws._channelname import ChannelNameError, check_channel_name
 
@@ -120,41 +119,43 @@ for _s in SETTINGS:
 _SUBST = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """
-    Validated settings.  Secrets are kept out of C{repr} so that a logged config never leaks them.
+    Validated settings: one field per entry of L{SETTINGS} (whose defaults are the only ones),
+    plus what is derived from them.  Secrets are kept out of C{repr} so that a logged config
+    never leaks them.
     """
 
     db_uri: str = field(repr=False)
     jwt_secret: bytes | None = field(repr=False)
-    db_pool: int = 10
-    application_name: str = "pgws"
-    server_host: str = "*4"
-    server_port: int = 3000
-    server_root: str | None = None
-    audit_channel: str | None = None
-    secret_is_base64: bool = False
-    embedded_data_dir: str | None = None
-    embedded_port: int = 54329
-    jwt_secret_file: str | None = None
-    jwt_jwks_url: str | None = None
-    jwt_aud: str | None = None
-    jwt_iss: str | None = None
-    jwt_leeway: int = 0
-    listen_channel: str | None = None
-    meta_channel: str | None = None
-    retries: int = 5
-    check_listener_interval: int = 5000
-    certificate_file: str | None = None
-    key_file: str | None = None
-    max_connections: int = 15000
-    max_channels: int = 100
-    max_pending_bytes: int = 1048576
-    max_queued_messages: int = 1000
-    allowed_origins: tuple[str, ...] = ("*",)
-    shutdown_timeout: int = 10
-    reuse_port: bool = False
+    jwt_secret_file: str | None  # where jwt-secret was read from ("@path"), to re-read it
+    application_name: str
+    db_pool: int
+    server_host: str
+    server_port: int
+    reuse_port: bool
+    server_root: str | None
+    audit_channel: str | None
+    jwt_jwks_url: str | None
+    jwt_aud: str | None
+    jwt_iss: str | None
+    jwt_leeway: int
+    secret_is_base64: bool
+    embedded_data_dir: str | None
+    embedded_port: int
+    listen_channel: str | None
+    meta_channel: str | None
+    retries: int
+    check_listener_interval: int
+    max_connections: int
+    max_channels: int
+    max_pending_bytes: int
+    max_queued_messages: int
+    allowed_origins: tuple[str, ...]
+    shutdown_timeout: int
+    certificate_file: str | None
+    key_file: str | None
 
     @property
     def embedded(self) -> bool:
@@ -277,20 +278,9 @@ def load_config(
     """
     values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
     if file is not None:
-        for key, value in read_config_file(file, environ).items():
-            values[key] = value
-    for setting in SETTINGS:
-        for name in reversed(env_names(setting)):  # the canonical name wins over an alias
-            if name in environ:
-                values[setting.key] = _convert(setting, environ[name], name)
-    for name, value in cli.items():
-        if value is None:
-            continue
-        given = _BY_NAME.get(name)
-        if given is None:
-            raise ConfigError(f'unknown option "--{name}"')
-        values[given.key] = _convert(given, value, f"--{name}")
-
+        values.update(read_config_file(file, environ))
+    values.update(_from_environment(environ))
+    values.update(_from_command_line(cli))
     for setting in SETTINGS:
         if setting.required and values[setting.key] in (None, ""):
             names = " or ".join(env_names(setting)[:1])
@@ -301,61 +291,58 @@ def load_config(
     return _validate(values)
 
 
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        for name in reversed(env_names(setting)):  # the canonical name wins over an alias
+            if name in environ:
+                values[setting.key] = _convert(setting, environ[name], name)
+    return values
+
+
+def _from_command_line(cli: Mapping[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, value in cli.items():
+        if value is None:
+            continue
+        given = _BY_NAME.get(name)
+        if given is None:
+            raise ConfigError(f'unknown option "--{name}"')
+        values[given.key] = _convert(given, value, f"--{name}")
+    return values
+
+
+# Bounds of the numeric settings: (key, test, what the error says).
+_BOUNDS: tuple[tuple[str, Callable[[int], bool], str], ...] = (
+    ("db-pool", lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
+    ("server-port", lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
+    ("embedded-port", lambda v: 1 <= v <= 65535, "must be between 1 and 65535"),
+    ("max-connections", lambda v: v >= 1, "must be 1 or more"),
+    ("max-channels", lambda v: v >= 1, "must be 1 or more"),
+    ("max-pending-bytes", lambda v: v >= 1024, "must be 1024 or more"),
+    ("max-queued-messages", lambda v: v >= 0, "must be 0 or more"),
+    ("shutdown-timeout", lambda v: v >= 0, "must be 0 or more"),
+    ("jwt-leeway", lambda v: v >= 0, "must be 0 or more"),
+    ("retries", lambda v: v >= 0, "must be 0 or more"),
+    ("check-listener-interval", lambda v: v >= 0, "must be 0 (off) or more milliseconds"),
+)
+
+
 def _validate(values: dict[str, Any]) -> Config:
-    checks: list[tuple[str, Callable[[Any], bool], str]] = [
-        ("db-pool", lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
-        ("server-port", lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
-        ("embedded-port", lambda v: 1 <= v <= 65535, "must be between 1 and 65535"),
-        ("max-connections", lambda v: v >= 1, "must be 1 or more"),
-        ("max-channels", lambda v: v >= 1, "must be 1 or more"),
-        ("max-pending-bytes", lambda v: v >= 1024, "must be 1024 or more"),
-        ("max-queued-messages", lambda v: v >= 0, "must be 0 or more"),
-        ("shutdown-timeout", lambda v: v >= 0, "must be 0 or more"),
-    ]
-    for key, ok, why in checks:
+    for key, ok, why in _BOUNDS:
         if not ok(values[key]):
             raise ConfigError(f'"{key}": {why}, got {values[key]}')
-
     db_uri = _read_at_path(values["db-uri"], "db-uri").strip()
     if not db_uri:
         raise ConfigError('"db-uri" is empty')
-    raw_secret = values["jwt-secret"]
-    if raw_secret in (None, "") and not values["jwt-jwks-url"]:
-        raise ConfigError(
-            '"jwt-secret" is required: set it in the config file, with --jwt-secret, or with '
-            "PGWS_JWT_SECRET (or set jwt-jwks-url)"
-        )
-    secret: bytes | None = None
-    secret_file: str | None = None
-    if raw_secret not in (None, ""):
-        secret_file = raw_secret[1:] if raw_secret.startswith("@") else None
-        secret = decode_secret(_read_at_path(raw_secret, "jwt-secret"), values["secret-is-base64"])
-        if not secret:
-            raise ConfigError('"jwt-secret" is empty')
+    secret, secret_file = _secret(values)
     url = values["jwt-jwks-url"]
     if url is not None and not url.startswith("https://"):
         raise ConfigError(f'"jwt-jwks-url": must be an https:// URL, got {_show(url)}')
-    if values["jwt-leeway"] < 0:
-        raise ConfigError(f'"jwt-leeway": must be 0 or more, got {values["jwt-leeway"]}')
-    if values["retries"] < 0:
-        raise ConfigError(f'"retries": must be 0 or more, got {values["retries"]}')
-    if values["check-listener-interval"] < 0:
-        raise ConfigError('"check-listener-interval": must be 0 (off) or more milliseconds, '
-                          f'got {values["check-listener-interval"]}')
-
-    cert, key = values["certificate-file"], values["key-file"]
-    if (cert is None) != (key is None):
-        missing, given = ("key-file", "certificate-file") if key is None else (
-            "certificate-file", "key-file")
-        raise ConfigError(f'"{missing}" is missing: "{given}" alone cannot serve TLS')
-    for name, path in (("certificate-file", cert), ("key-file", key)):
-        if path is not None and not os.access(path, os.R_OK):
-            raise ConfigError(f'"{name}": cannot read {path}')
-
+    _check_tls(values["certificate-file"], values["key-file"])
     root = values["server-root"]
     if root is not None and not os.path.isdir(root):
         raise ConfigError(f'"server-root": {root} is not a directory')
-
     for name in ("audit-channel", "listen-channel", "meta-channel"):
         if values[name] is not None:
             try:
@@ -372,3 +359,30 @@ def _validate(values: dict[str, Any]) -> Config:
         allowed_origins=tuple(o.strip() for o in values["allowed-origins"].split(",") if o.strip()),
     )
     return Config(**fields)
+
+
+def _secret(values: Mapping[str, Any]) -> tuple[bytes | None, str | None]:
+    """The HMAC secret or key text (read from its file for "@path"), and that file."""
+    raw = values["jwt-secret"]
+    if raw in (None, ""):
+        if not values["jwt-jwks-url"]:
+            raise ConfigError(
+                '"jwt-secret" is required: set it in the config file, with --jwt-secret, or with '
+                "PGWS_JWT_SECRET (or set jwt-jwks-url)"
+            )
+        return None, None
+    secret_file = raw[1:] if raw.startswith("@") else None
+    secret = decode_secret(_read_at_path(raw, "jwt-secret"), values["secret-is-base64"])
+    if not secret:
+        raise ConfigError('"jwt-secret" is empty')
+    return secret, secret_file
+
+
+def _check_tls(cert: str | None, key: str | None) -> None:
+    if (cert is None) != (key is None):
+        missing, given = ("key-file", "certificate-file") if key is None else (
+            "certificate-file", "key-file")
+        raise ConfigError(f'"{missing}" is missing: "{given}" alone cannot serve TLS')
+    for name, path in (("certificate-file", cert), ("key-file", key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f'"{name}": cannot read {path}')

@@ -53,6 +53,8 @@ class ListenChannelRouting:
                 value = json.loads(payload)
             except ValueError:
                 return db_channel
-            if isinstance(value, dict) and isinstance(value.get("channel"), str):
-                return value["channel"]
+            if isinstance(value, dict):
+                channel = value.get("channel")
+                if isinstance(channel, str):
+                    return channel
         return db_channel

@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from pgws._config import SETTINGS, Config, ConfigError, env_names, load_config
 from pgws._embedded import EmbeddedPostgres, EmbeddedPostgresError
+from pgws._reactor import default_reactor
 from pgws._service import Relay
 from pgws._web import make_site
 
@@ -227,10 +228,7 @@ class _GracefulExit(service.Service):
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """The whole server: [embedded PostgreSQL], the relay, the listening port."""
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+    reactor = default_reactor(reactor)
     config = options.config
     raise_open_files_limit()
     top = service.MultiService()

@@ -12,12 +12,11 @@ from __future__ import annotations
 import warnings
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
-
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.defer import Deferred
 from twisted.web import http, resource, server
 
-from pgws._protocol import RelayFactory
+from pgws._factory import RelayFactory
 from pgws._redact import redact_path
 
 with warnings.catch_warnings():
@@ -148,7 +147,8 @@ class RelayResource(resource.Resource):
             return self._health[name]
         if self._static is None:
             return _NOT_FOUND
-        return self._static.getChildWithDefault(name, request)
+        child: resource.Resource = self._static.getChildWithDefault(name, request)
+        return child
 
     def render(self, request: server.Request) -> Any:
         if _is_websocket(request):
@@ -186,8 +186,9 @@ class _Channel(http.HTTPChannel):
 
     def _too_late(self) -> None:
         self._deadline = None
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport: Any = self.transport  # a TCP transport: an ITCPTransport
+        if transport is not None:
+            transport.abortConnection()
 
     def _met_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():

@@ -1,0 +1,142 @@
+"""
+The fan-out: notifications from the LISTEN session, in PostgreSQL's order, to the readers of
+their channel, in bounded slices.
+
+One read of the LISTEN socket can bring hundreds of notifications, and fanning all of them out to
+a thousand sockets at once blocked the reactor for seconds.  So the backlog is worked through in
+slices of bounded work (deliveries and bytes), yielding to the reactor between slices, and the
+LISTEN socket is not read while the backlog is long.  Consecutive notifications of one channel go
+out together (a "run"): each reader gets them in one write.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from pgws._listener import Notification, Reading
+from pgws._routing import PerChannelRouting, Routing
+
+__all__ = ["Fanout", "Readers"]
+
+# Work through at most this many deliveries (notification x reader) per reactor turn.
+DELIVERIES_PER_SLICE = 20_000
+# ... and at most about this many bytes of frames (the default; see Fanout's slice_bytes), so that
+# what one turn hands to the transports, which only flush between turns, stays bounded.
+BYTES_PER_SLICE = 2 * 1024 * 1024
+# Consecutive notifications of one channel are written together, up to this many / bytes.
+MAX_RUN = 256
+MAX_RUN_BYTES = 64 * 1024
+# Stop reading the LISTEN socket while this many notifications wait to be fanned out.
+BACKLOG_PAUSE = 5_000
+# A frame's header: what one delivery costs beyond its payload, for the byte budget.
+FRAME_OVERHEAD = 10
+
+
+class Readers(Protocol):
+    """The channel registry, as the fan-out sees it."""
+
+    def deliver(self, channel: str, payloads: list[bytes]) -> int:
+        """Write a run of one channel's notifications to its readers; how many readers got it."""
+
+
+Deliver = Callable[[str, list[str]], int]
+
+
+class Fanout:
+    """
+    Takes batches from the LISTEN session (a L{pgws._listener.Sink}) and hands runs of one
+    database channel's notifications, routed to pgws channels, to the readers.
+
+    @param slice_bytes: bytes of frames one reactor turn may write at most (about); the relay
+        keeps it under what one reader may have pending, so that a prompt reader is never taken
+        for a slow one after a burst.
+    """
+
+    def __init__(self, reactor: IReactorTime, readers: Readers, routing: Routing | None = None,
+                 slice_bytes: int = BYTES_PER_SLICE) -> None:
+        self._reactor = reactor
+        self._slice_bytes = slice_bytes
+        self._deliver = _deliver_function(readers, routing or PerChannelRouting())
+        self._backlog: collections.deque[Notification] = collections.deque()
+        self._draining = False
+        self._paused = False
+        self._reading: Reading | None = None
+
+    def attach(self, reading: Reading) -> None:
+        self._reading = reading
+
+    def busy(self) -> bool:
+        return bool(self._backlog)
+
+    def __len__(self) -> int:
+        """Notifications waiting to be fanned out."""
+        return len(self._backlog)
+
+    def received(self, notifications: list[Notification]) -> None:
+        self._backlog.extend(notifications)
+        if not self._draining:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Fan out the backlog in slices of bounded work, yielding to the reactor between."""
+        self._draining = True
+        budget, byte_budget = DELIVERIES_PER_SLICE, self._slice_bytes
+        backlog, deliver = self._backlog, self._deliver
+        while backlog and budget > 0 and byte_budget > 0:
+            channel, run, size = self._take_run()
+            readers = deliver(channel, run)
+            budget -= len(run) * (1 + readers)
+            byte_budget -= readers * (size + FRAME_OVERHEAD * len(run))
+        if backlog:
+            if len(backlog) >= BACKLOG_PAUSE and self._reading is not None:
+                # Every slice: the session may have a new connection since the last one.
+                self._paused = True
+                self._reading.pause_reading()
+            self._reactor.callLater(0, self._drain)
+        else:
+            self._draining = False
+            if self._paused and self._reading is not None:
+                self._paused = False
+                self._reading.resume_reading()
+
+    def _take_run(self) -> tuple[str, list[str], int]:
+        """The next notifications of one channel: (channel, payloads, their size)."""
+        backlog = self._backlog
+        channel, payload = backlog.popleft()
+        run, size = [payload], len(payload)
+        while backlog and backlog[0][0] == channel and len(run) < MAX_RUN and size < MAX_RUN_BYTES:
+            payload = backlog.popleft()[1]
+            run.append(payload)
+            size += len(payload)
+        return channel, run, size
+
+
+def _deliver_function(readers: Readers, routing: Routing) -> Deliver:
+    """
+    What the fan-out calls with each run of consecutive notifications of one database channel;
+    it returns how many readers got them.
+    """
+    deliver, route = readers.deliver, routing.route
+    if isinstance(routing, PerChannelRouting):  # the hot path: no routing step
+        return lambda channel, payloads: deliver(channel, [p.encode() for p in payloads])
+
+    def routed(db_channel: str, payloads: list[str]) -> int:
+        # Consecutive notifications routed to the same channel still go out together.
+        readers, current = 0, ""
+        run: list[bytes] = []
+        for payload in payloads:
+            target = route(db_channel, payload)
+            if target != current and run:
+                readers = max(readers, deliver(current, run))
+                run = []
+            current = target
+            run.append(payload.encode())
+        if run:
+            readers = max(readers, deliver(current, run))
+        return readers
+
+    return routed

@@ -1,0 +1,126 @@
+"""
+Writing pre-built frames to one socket, and cutting off a reader that does not keep up.
+
+This is the only module that touches Twisted's private transport state (C{dataBuffer},
+C{offset}, C{_tempDataLen}, C{SEND_LIMIT}, the socket itself): a Twisted upgrade is checked here.
+
+Why it goes around Twisted's buffering:
+  - Twisted queues every write, registers the socket with epoll, sends at the next reactor turn
+    and unregisters it: two C{epoll_ctl} calls per reader per turn, a quarter of fan-out's CPU.
+    When nothing is queued, L{FrameWriter} hands the frames to the kernel at once.
+  - Twisted hands at most C{SEND_LIMIT} bytes (128 KiB) to the kernel per socket per turn; a
+    fan-out turn can write more than that to one reader, which would then fall behind for
+    Twisted's sake, not its own.
+  - A reader that never reads would grow server memory without bound: Twisted pauses a
+    registered producer but never drops writes.  L{ReaderLag} decides when a reader is too slow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IReactorTime
+
+__all__ = ["FrameWriter", "ReaderLag", "SEND_LIMIT", "SLOW_READER_GRACE",
+           "SLOW_READER_HARD_FACTOR"]
+
+# A reader over max-pending-bytes is cut off if it takes nothing for this long...
+SLOW_READER_GRACE = 1.0
+# ... or at once past this many times max-pending-bytes, whatever its progress.
+SLOW_READER_HARD_FACTOR = 4
+# What Twisted may hand to the kernel per socket per reactor turn (its default is 128 KiB).
+SEND_LIMIT = 4 * 1024 * 1024
+
+
+class ReaderLag:
+    """
+    When a reader over C{max_pending} bytes is too slow.  Twisted only flushes between reactor
+    turns, so a prompt reader can be over the limit for a moment after a burst: a reader is cut
+    off when it has taken nothing for L{SLOW_READER_GRACE} seconds while over it, or at once
+    when more than L{SLOW_READER_HARD_FACTOR} times over it.
+    """
+
+    def __init__(self, max_pending: int, clock: IReactorTime) -> None:
+        self.max_pending = max_pending
+        self._clock = clock
+        self._behind_since: float | None = None  # when the reader last went over max_pending
+        self._flushed_mark = 0  # what the kernel had taken then
+
+    def caught_up(self) -> None:
+        self._behind_since = None
+
+    def too_slow(self, pending: int, written: int) -> bool:
+        """
+        After a write: C{pending} bytes wait in user space, C{written} were ever written.  True
+        when the reader must be cut off.
+        """
+        if pending <= self.max_pending:
+            self._behind_since = None
+            return False
+        if pending > self.max_pending * SLOW_READER_HARD_FACTOR:
+            return True
+        now = self._clock.seconds()
+        flushed = written - pending  # bytes the kernel has taken, ever
+        if self._behind_since is None:
+            self._behind_since, self._flushed_mark = now, flushed
+        elif now - self._behind_since >= SLOW_READER_GRACE:
+            if flushed == self._flushed_mark:
+                return True
+            self._behind_since, self._flushed_mark = now, flushed
+        return False
+
+
+class FrameWriter:
+    """
+    Writes frames to one open socket's transport.  C{too_slow(pending)} is called (once per
+    verdict) when the reader falls too far behind; the caller closes the socket.
+    """
+
+    def __init__(self, transport: Any, lag: ReaderLag, too_slow: Callable[[int], None]) -> None:
+        self._transport = transport
+        self._lag = lag
+        self._too_slow = too_slow
+        self._written = 0  # bytes of frames written to the transport, ever
+        self._socket: Any = None  # the socket, when frames may be sent on it directly
+        if hasattr(transport, "SEND_LIMIT"):
+            transport.SEND_LIMIT = SEND_LIMIT
+        # Plain TCP only: under TLS every byte must go through the TLS layer (a wrapper that
+        # forwards attribute reads to the TCP transport below it, so ask for the class).
+        if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
+            self._socket = transport.socket
+
+    def pending(self) -> int:
+        """
+        Bytes the transport holds that the kernel has not taken yet.  Under TLS the wrapper
+        forwards these attribute reads to the TCP transport below it, which holds the encrypted
+        bytes.  A transport without Twisted's buffer (an in-memory one) holds nothing.
+        """
+        transport = self._transport
+        try:
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
+        except AttributeError:
+            return 0
+
+    def write(self, frames: bytes) -> None:
+        self._written += len(frames)
+        transport = self._transport
+        sock = self._socket
+        if sock is not None and not transport.disconnecting and not self.pending():
+            try:
+                sent = sock.send(frames)
+            except OSError:  # EAGAIN included; any other error Twisted meets and closes on
+                sent = 0
+            if sent == len(frames):
+                self._lag.caught_up()
+                return
+            frames = frames[sent:]
+        transport.write(frames)
+        pending = self.pending()
+        if self._lag.too_slow(pending, self._written):
+            self._too_slow(pending)
+
+    def stop(self) -> None:
+        """The socket is closing: never write to it directly again."""
+        self._socket = None
