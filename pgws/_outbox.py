@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -32,10 +32,17 @@ MAX_BATCH = 500
 
 
 class Sender(Protocol):
-    """The NOTIFY pool, as an outbox sees it."""
+    """The NOTIFY pool, as the outboxes and the relay see it."""
 
     def notify(self, pairs: Sequence[Pair]) -> defer.Deferred[None]:
         """One transaction that notifies every pair, in order."""
+
+    async def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def check(self) -> defer.Deferred[Any]:
+        """A cheap statement: does sending work right now?"""
 
 
 class Outbox:

@@ -20,8 +20,9 @@ from pgws._closing import CLOSE_GOING_AWAY
 from pgws._config import Config
 from pgws._factory import RelayFactory
 from pgws._fanout import Fanout
-from pgws._listener import Listener
+from pgws._listener import ConnectionFactory, ListenConnection, Listener
 from pgws._notifypool import NotifyPool
+from pgws._outbox import Sender
 from pgws._postgres import describe_dsn, describe_error
 from pgws._reactor import default_reactor, fired, within
 from pgws._routing import ListenChannelRouting, PerChannelRouting, Routing
@@ -42,6 +43,9 @@ class Relay(service.Service):
         C{IPolicyForHTTPS}; the default trusts the system's certificate authorities).
     @param ping_interval: seconds between the server's pings; a peer that has not answered one
         within C{ping_timeout} seconds is dropped.
+    @param pool: what sends client messages (default: a L{NotifyPool} of C{db-pool} connections).
+    @param listen_connection: makes the LISTEN session's connections (default: txpostgres).
+        The in-memory tests pass both, to run the whole relay without a database.
     """
 
     def __init__(
@@ -53,6 +57,9 @@ class Relay(service.Service):
         ping_interval: float = 30,
         ping_timeout: float = 10,
         https_policy: Any = None,
+        *,
+        pool: Sender | None = None,
+        listen_connection: ConnectionFactory = ListenConnection,
     ) -> None:
         reactor = default_reactor(reactor)
         self.config = config
@@ -64,7 +71,8 @@ class Relay(service.Service):
             ListenChannelRouting(config.listen_channel) if config.listen_channel
             else PerChannelRouting()
         )
-        self.pool = NotifyPool(reactor, self.db_uri, config.db_pool, config.application_name)
+        self.pool: Sender = pool or NotifyPool(reactor, self.db_uri, config.db_pool,
+                                               config.application_name)
         self.listener = Listener(
             reactor,
             self.db_uri,
@@ -74,6 +82,7 @@ class Relay(service.Service):
             gave_up=self._gave_up,
             recovered=lambda: self.factory.tell_gap(),
             application_name=config.application_name,
+            connection_factory=listen_connection,
         )
         # database -> sockets: listener -> fan-out -> registry -> each socket's frame writer.
         self.registry = ChannelRegistry(self.listener, self.routing)
@@ -99,6 +108,7 @@ class Relay(service.Service):
             database_ready=lambda: self.listener.connected,
         )
         self._started: defer.Deferred[None] | None = None
+        self._stopped: defer.Deferred[None] | None = None
         self.exit_status = 0
 
     def _gave_up(self, why: str) -> None:
@@ -147,7 +157,12 @@ class Relay(service.Service):
         C{shutdown-timeout}), then close the database connections.
         """
         super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop())
+        self._stopped = defer.Deferred.fromCoroutine(self._stop())
+        return fired(self._stopped)
+
+    def whenStopped(self) -> defer.Deferred[None]:
+        """Fires once a stop is over (what clients sent is flushed): the database may go then."""
+        return defer.succeed(None) if self._stopped is None else fired(self._stopped)
 
     async def _stop(self) -> None:
         sockets = list(self.factory.sockets)

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -77,10 +78,14 @@ class Options(usage.Options):
 
 
 class _EmbeddedPostgresService(service.Service):
-    """Starts the private PostgreSQL before anything connects to it, and stops it last."""
+    """
+    Starts the private PostgreSQL before anything connects to it, and stops it last: only once
+    the relay has flushed what clients sent (a MultiService stops its children all at once).
+    """
 
     def __init__(self, launcher: EmbeddedPostgres) -> None:
         self.launcher = launcher
+        self.relay: Relay | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -91,9 +96,10 @@ class _EmbeddedPostgresService(service.Service):
             _fail(f"embedded PostgreSQL did not start: {e}", EXIT_START)
         _log.info("Embedded PostgreSQL ready at {uri}", uri=uri)
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        self.launcher.stop()
+        flushed = self.relay.whenStopped() if self.relay is not None else defer.succeed(None)
+        return flushed.addCallback(lambda _: self.launcher.stop())
 
 
 def tls_options(certificate_file: str, key_file: str) -> Any:
@@ -241,13 +247,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             data_dir=Path(config.embedded_data_dir) if config.embedded_data_dir else None,
             port=config.embedded_port,
         )
-        _EmbeddedPostgresService(launcher).setServiceParent(top)
+        embedded = _EmbeddedPostgresService(launcher)
+        embedded.setServiceParent(top)
         db_uri = launcher.uri
     try:
         relay = Relay(config, reactor=reactor, db_uri=db_uri)
     except ConfigError as e:  # the keys are parsed here (JWK/JWKS)
         _fail(str(e), EXIT_CONFIG)
     relay.setServiceParent(top)
+    if config.embedded:
+        embedded.relay = relay
 
     def exit_status() -> None:
         # twistd exits 0 after reactor.stop(); a relay that gave up must exit non-zero.
