@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,10 +234,14 @@ class _ClientProtocol(WebSocketClientProtocol):
 
 @dataclass
 class MemoryClient:
-    """A WebSocket client over iosim: what it received, and how it was closed."""
+    """
+    A WebSocket client over iosim: what it received, and how it was closed.  Each action is
+    followed by C{flush}: the relay's, so that what it makes other sockets receive has arrived.
+    """
 
     pump: iosim.IOPump
     protocol: _ClientProtocol
+    flush: Callable[[], None]
     messages: list[str] = field(default_factory=list)
     controls: list[Any] = field(default_factory=list)  # binary frames, parsed as JSON
     opened: bool = False
@@ -245,21 +249,21 @@ class MemoryClient:
 
     def send(self, text: str) -> None:
         self.protocol.sendMessage(text.encode("utf-8"), isBinary=False)
-        self.pump.flush()
+        self.flush()
 
     def send_binary(self, data: bytes) -> None:
         self.protocol.sendMessage(data, isBinary=True)
-        self.pump.flush()
+        self.flush()
 
     def close(self) -> None:
         self.protocol.sendClose(1000)
-        self.pump.flush()
+        self.flush()
 
     def drop(self) -> None:
         """The client's TCP connection goes, without a closing handshake."""
         assert self.protocol.transport is not None
         self.protocol.transport.loseConnection()
-        self.pump.flush()
+        self.flush()
 
     @property
     def server_protocol(self) -> Any:
@@ -313,10 +317,10 @@ class MemoryRelay:
         client_io = iosim.FakeTransport(protocol, isServer=False, hostAddress=server_io.getPeer(),
                                         peerAddress=server_address)
         pump = iosim.connect(server, server_io, protocol, client_io, greet=False, clock=self.clock)
-        client = MemoryClient(pump, protocol)
+        client = MemoryClient(pump, protocol, self.flush)
         factory.client = client  # type: ignore[attr-defined]
         self._pumps.append(pump)
-        pump.flush()
+        self.flush()
         return client
 
     def request(self, raw: bytes) -> bytes:
@@ -336,7 +340,7 @@ class MemoryRelay:
         client_io = iosim.FakeTransport(proto, isServer=False, peerAddress=server_address)
         pump = iosim.connect(server, server_io, proto, client_io, greet=False, clock=self.clock)
         self._pumps.append(pump)
-        pump.flush()
+        self.flush()
         return b"".join(collected)
 
     def flush(self) -> None:
