@@ -156,17 +156,20 @@ class MemoryListenConnection:
         pg_terminate_backend: the connection is lost.  As in txpostgres, the statements it was
         running fail first, then the loss is reported.
         """
+        self._gone(psycopg2.OperationalError(why))
+        self._lost(why, self)
+
+    def close(self) -> None:
+        self._gone(psycopg2.InterfaceError("connection already closed"))
+
+    def _gone(self, error: Exception) -> None:
+        """The connection is gone: the statements held on it fail."""
         self.connected = False
         self.channels.clear()
         mine = [h for h in self.db._held if h[0] is self]
         self.db._held = [h for h in self.db._held if h[0] is not self]
         for _, _, d in mine:
-            d.errback(psycopg2.OperationalError(why))
-        self._lost(why, self)
-
-    def close(self) -> None:
-        self.connected = False
-        self.channels.clear()
+            d.errback(error)
 
 
 class MemoryPool:
