@@ -308,3 +308,23 @@ def test_query_string_is_ignored():
     client = relay.open("/chat/" + token({"mode": "r"}) + "?x=1")
     assert client.opened
     assert relay.db.listening() == {"chat"}
+
+
+def test_channel_claim_takes_precedence_over_the_path():
+    relay = MemoryRelay()
+    client = relay.open("/elsewhere/" + token({"mode": "r", "channel": "chat"}))
+    assert client.opened
+    assert relay.db.session.statements == ['LISTEN "chat"']
+
+
+def test_channels_claim_without_a_path_channel_opens_all_of_them():
+    relay = MemoryRelay()
+    client = relay.open("/" + token({"mode": "r", "channels": ["b", "a", "b"]}))
+    assert client.opened
+    assert relay.db.session.statements == ['LISTEN "b"', 'LISTEN "a"']
+
+
+def test_bearer_scheme_is_case_insensitive():
+    relay = MemoryRelay()
+    client = relay.open("/chat", headers={"Authorization": "bearer " + token({"mode": "r"})})
+    assert client.opened

@@ -346,3 +346,20 @@ def test_batch_in_flight_when_the_database_went_away_is_sent_again():
     relay.db.up = True
     relay.advance(0.25)
     assert payloads(relay.pool.statements) == [["m1", "m2"]]
+
+
+def test_text_that_is_not_utf8_closes_1007():
+    relay = MemoryRelay()
+    client = relay.open("/chat/" + token(RW))
+    client.protocol.sendMessage(b"ok \xff\xfe", isBinary=False)
+    relay.flush()
+    assert client.closed == (1007, "encountered invalid UTF-8 while processing text message at payload octet index 3")
+    assert relay.pool.statements == []
+
+
+def test_message_over_64_kib_closes_1009():
+    relay = MemoryRelay()
+    client = relay.open("/chat/" + token(RW))
+    client.send("x" * (64 * 1024 + 1))
+    assert client.closed == (1009, "received WebSocket message size 65537 exceeds payload limit of 65536 octets")
+    assert relay.pool.statements == []

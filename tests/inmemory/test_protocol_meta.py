@@ -155,3 +155,10 @@ def test_client_gone_during_the_listen_wait_is_not_kept_as_an_open_socket():
     relay.db.release_listens()
     relay.flush()
     assert relay.relay.factory.sockets == set()
+
+
+def test_stop_notifies_connection_close_of_each_socket():
+    relay = MemoryRelay(meta_channel="meta")
+    relay.open("/chat/" + token(W))
+    relay.stop()
+    assert events(relay) == [("meta", "ConnectionOpen", "chat"), ("meta", "ConnectionClose", "chat")]
