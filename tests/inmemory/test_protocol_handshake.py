@@ -328,3 +328,26 @@ def test_bearer_scheme_is_case_insensitive():
     relay = MemoryRelay()
     client = relay.open("/chat", headers={"Authorization": "bearer " + token({"mode": "r"})})
     assert client.opened
+
+
+def test_request_line_over_16_kib_is_431():
+    relay = MemoryRelay()
+    status, body, _ = refused(relay, "/chat/" + "x" * 17000)
+    assert (status, body) == (431, "the request line or a header is longer than 16384 bytes\n")
+
+
+def test_token_over_8_kib_is_401():
+    big = token({"mode": "r", "pad": "x" * 8200})
+    assert_refused(relay_for_refusals(), "/chat/" + big, 401, "JWT is longer than 8192 bytes")
+
+
+def test_channel_name_over_63_bytes_is_403():
+    name = "é" * 32  # 64 bytes of UTF-8, 32 characters
+    assert_refused(relay_for_refusals(), f"/{'%C3%A9' * 32}/" + token({"mode": "r"}), 403,
+                   f'channel "{name}" is 64 bytes long; the limit is 63')
+
+
+def test_channel_name_of_63_bytes_is_accepted():
+    relay = MemoryRelay()
+    assert relay.open("/" + "c" * 63 + "/" + token({"mode": "r"})).opened
+    assert relay.db.listening() == {"c" * 63}

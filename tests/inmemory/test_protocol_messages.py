@@ -363,3 +363,13 @@ def test_message_over_64_kib_closes_1009():
     client.send("x" * (64 * 1024 + 1))
     assert client.closed == (1009, "received WebSocket message size 65537 exceeds payload limit of 65536 octets")
     assert relay.pool.statements == []
+
+
+def test_message_after_a_closing_one_is_not_relayed():
+    relay = MemoryRelay()
+    client = relay.open("/chat/" + token(W))
+    client.protocol.sendMessage(b"x" * 8000, isBinary=False)  # 1009
+    client.protocol.sendMessage(b"after", isBinary=False)  # arrives while the socket closes
+    relay.flush()
+    assert client.closed is not None and client.closed[0] == 1009
+    assert relay.pool.statements == []
