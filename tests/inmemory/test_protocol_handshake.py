@@ -351,3 +351,10 @@ def test_channel_name_of_63_bytes_is_accepted():
     relay = MemoryRelay()
     assert relay.open("/" + "c" * 63 + "/" + token({"mode": "r"})).opened
     assert relay.db.listening() == {"c" * 63}
+
+
+def test_token_in_subprotocol_without_pgws_offered_opens_with_no_subprotocol():
+    relay = MemoryRelay()
+    client = relay.open("/chat", protocols=["pgws.bearer." + token({"mode": "r"})])
+    assert client.opened
+    assert client.protocol.websocket_protocol_in_use is None

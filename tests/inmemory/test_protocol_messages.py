@@ -373,3 +373,14 @@ def test_message_after_a_closing_one_is_not_relayed():
     relay.flush()
     assert client.closed is not None and client.closed[0] == 1009
     assert relay.pool.statements == []
+
+
+def test_burst_of_notifications_reaches_every_reader_in_order():
+    relay = MemoryRelay()
+    readers = [relay.open("/chat/" + token({"mode": "r"})) for _ in range(3)]
+    burst = [("chat", f"n{i}") for i in range(12000)]  # several fan-out slices, reading paused
+    relay.db.session.deliver(burst)
+    relay.db.notify("chat", "after the burst")  # arrives while the burst is being fanned out
+    relay.flush()
+    for client in readers:
+        assert client.messages == [p for _, p in burst] + ["after the burst"]
