@@ -57,7 +57,9 @@ class MemoryPostgres:
         self.up = True
         self.sessions: list[MemoryListenConnection] = []
         self.notified: list[tuple[str, str]] = []  # every NOTIFY that reached the database
-        self.hold_listen = False  # LISTEN statements wait for release_listens()
+        # LISTEN statements wait for release_listens(), and so does what follows them on their
+        # session (one connection runs one statement at a time).
+        self.hold_listen = False
         self._held: list[tuple[MemoryListenConnection, str, defer.Deferred[None]]] = []
 
     @property
