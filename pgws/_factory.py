@@ -13,7 +13,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.logger import Logger
 
-from pgws._auth import Authorizer
+from pgws._auth import Authorizer, Refusal
 from pgws._channels import ChannelRegistry
 from pgws._config import Config
 from pgws._credentials import SUBPROTOCOL
@@ -60,10 +60,11 @@ class RelayFactory(WebSocketServerFactory):
         self.database_ready = database_ready
         self.clock = clock
         self.sockets: set[RelayProtocol] = set()
+        self.closing = False  # shutting down: no socket opens any more
         self.session_settings = SessionSettings(
             authorizer=authorizer, pool=pool, reactor=reactor, clock=clock,
             db_channel=(routing or PerChannelRouting()).db_channel,
-            max_queued_messages=config.max_queued_messages,
+            max_queued_messages=config.max_queued_messages, leeway=config.jwt_leeway,
             audit_channel=config.audit_channel, meta_channel=config.meta_channel,
         )
         self.setProtocolOptions(
@@ -93,6 +94,13 @@ class RelayFactory(WebSocketServerFactory):
                 told += 1
         _log.info("Told {n} sockets that notifications may have been lost", n=told)
 
+    def check_open(self) -> None:
+        """A L{Refusal} (503) once the server is shutting down."""
+        if self.closing:
+            raise Refusal(503, "the server is shutting down")
+
     def close_all(self, code: int, reason: str) -> None:
+        """Close every open socket, and open no more."""
+        self.closing = True
         for socket in list(self.sockets):
             socket.close_with(code, reason)

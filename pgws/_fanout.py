@@ -72,10 +72,6 @@ class Fanout:
     def busy(self) -> bool:
         return bool(self._backlog)
 
-    def __len__(self) -> int:
-        """Notifications waiting to be fanned out."""
-        return len(self._backlog)
-
     def received(self, notifications: list[Notification]) -> None:
         self._backlog.extend(notifications)
         if not self._draining:

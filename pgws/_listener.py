@@ -35,6 +35,8 @@ __all__ = ["ListenConnection", "Listener", "Sink", "State"]
 
 _log = Logger()
 
+# Seconds a connection attempt may take (libpq's connect_timeout does not apply to it).
+CONNECT_TIMEOUT = 10.0
 # Channels re-LISTENed per statement after a reconnect: a few round trips, not one per channel.
 RELISTEN_CHUNK = 1000
 
@@ -246,12 +248,19 @@ class Listener:
         """One attempt: None once the session is ready, else why not."""
         conn = self._conn
         try:
-            await conn.connect(self._dsn, **connect_kwargs(self._application_name))
+            # libpq ignores connect_timeout for asynchronous connections (txpostgres's kind): a
+            # server that accepts TCP and never answers would hold the attempt for ever.
+            await within(conn.connect(self._dsn, **connect_kwargs(self._application_name)),
+                         CONNECT_TIMEOUT, self._reactor)
             if conn is self._conn:
                 await self._listen_all()
                 if self.connected:
                     return None
         except Exception as e:
+            if conn is self._conn:
+                # The next attempt gets a fresh connection: this one may still be connecting.
+                self._conn = self._fresh_connection()
+                self._close(conn)
             return describe_error(e)
         return "the session was lost while it was being set up"
 
@@ -272,9 +281,16 @@ class Listener:
         self.state = State.LISTENING
         self._conn.resumeReading()
         channels = sorted(self._wanted)
+        statements = []
         for start in range(0, len(channels), RELISTEN_CHUNK):
             chunk = channels[start:start + RELISTEN_CHUNK]
-            await self._run("; ".join(f"LISTEN {quote_ident(c)}" for c in chunk))
+            d = self._command("; ".join(f"LISTEN {quote_ident(c)}" for c in chunk))
+            # A socket opening meanwhile waits for its channel's LISTEN (see ready()).
+            for channel in chunk:
+                self._track(channel, d)
+            statements.append(d)
+        # They run in order on the one connection; each handles its own failure.
+        await defer.gatherResults(statements)
         if not self.connected:
             return
         self.sessions += 1
@@ -337,9 +353,12 @@ class Listener:
     def listen(self, channel: str) -> None:
         self._wanted.add(channel)
         if self.connected:
-            d = self._command(f"LISTEN {quote_ident(channel)}")
-            self._inflight[channel] = d
-            d.addBoth(self._landed, channel, d)
+            self._track(channel, self._command(f"LISTEN {quote_ident(channel)}"))
+
+    def _track(self, channel: str, d: defer.Deferred[None]) -> None:
+        """C{d} is the latest LISTEN of C{channel}: L{ready} waits for it."""
+        self._inflight[channel] = d
+        d.addBoth(self._landed, channel, d)
 
     def _landed(self, result: object, channel: str, d: defer.Deferred[None]) -> object:
         if self._inflight.get(channel) is d:

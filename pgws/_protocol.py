@@ -15,6 +15,7 @@ an HTTP response before any WebSocket opens, with a one-line C{text/plain} body 
     400  the path is not /<channel>/<jwt> or /<jwt>
     401  no token, or a malformed, badly signed, expired or not-yet-valid token
     403  a valid token that does not allow the request (mode, channel, channel name)
+    503  the database is unavailable, max-connections is reached, or the server is shutting down
 
 Client -> database (modes C{w}, C{rw}): each text message becomes, for each channel of the socket,
 C{pg_notify(<channel>, <envelope>)} with the envelope of L{pgws._envelope} (with C{listen-channel}
@@ -30,7 +31,7 @@ Control messages: binary frames carry pgws's own messages, as UTF-8 JSON objects
 can never be mistaken for relayed text.  A client sends C{{"refresh": "<jwt>"}} to replace its
 token before C{exp} (the new token may not widen the socket's channels or mode); pgws answers
 C{{"refreshed": true, "exp": <exp or null>}} or C{{"refreshed": false, "reason": "..."}} and
-keeps the old token in that case.  A socket that negotiated the C{pgws} subprotocol also gets
+keeps the old token in that case.  A reading socket that negotiated the C{pgws} subprotocol gets
 C{{"event": "gap", "at": <unix time>}} when the LISTEN session was lost and is back: notifications
 sent while it was down did not reach anyone.  Without the subprotocol nothing is sent (a
 seed-compatible client would take any frame for a notification).
@@ -50,7 +51,7 @@ Close codes sent by pgws:
     1011  a database error while sending the socket's messages (the reason gives it)
     1013  the database was away and more than C{max-queued-messages} waited (the reason gives
           how many were not sent)
-    3001  the token expired (at its C{exp}), reason C{JWT expired}
+    3001  the token expired (at its C{exp} plus C{jwt-leeway}), reason C{JWT expired}
 
 The server pings every 30 seconds and drops a peer that has not answered within 10 seconds.
 """
@@ -94,6 +95,7 @@ class RelayProtocol(WebSocketServerProtocol):
     _granted: tuple[Grant, str | None] | None = None  # between the handshake and the open
     _writer: FrameWriter | None = None
     _reading = False  # in the registry's reader sets
+    _gone = False  # the connection is lost (onClose ran), whether it ever opened or not
 
     @property
     def grant(self) -> Grant | None:
@@ -115,6 +117,7 @@ class RelayProtocol(WebSocketServerProtocol):
         factory = self.factory
         try:
             check_origin(factory.config.allowed_origins, request.headers.get("origin"))
+            factory.check_open()
             if not factory.database_ready():
                 raise Refusal(503, "the database is unavailable; try again later")
             # The raw request URI: Autobahn's parsed path reads "//x" as a host name.
@@ -133,6 +136,11 @@ class RelayProtocol(WebSocketServerProtocol):
             for name in grant.channels:
                 factory.registry.add(name, self)
             await factory.registry.ready(grant.channels)
+            try:
+                factory.check_open()  # it may have begun to stop during the wait
+            except Refusal as refusal:
+                self._leave_channels()
+                raise ConnectionDeny(refusal.status, refusal.reason) from None
         return accepted_subprotocol(request.protocols)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
@@ -149,6 +157,8 @@ class RelayProtocol(WebSocketServerProtocol):
     # -- open socket ---------------------------------------------------------------------------
 
     def onOpen(self) -> None:
+        if self._gone:
+            return  # the client left while its LISTEN was pending: Autobahn opens it anyway
         assert self._granted is not None
         grant, requested = self._granted
         self._granted = None
@@ -174,6 +184,7 @@ class RelayProtocol(WebSocketServerProtocol):
             self.session.message(payload.decode("utf-8"))  # Autobahn has checked it is UTF-8
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._gone = True
         if self._writer is not None:
             self._writer.stop()
         self._leave_channels()

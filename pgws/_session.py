@@ -62,6 +62,7 @@ class SessionSettings:
     clock: Callable[[], float]  # wall-clock time, for exp and message_delivered_at
     db_channel: Callable[[str], str]  # the routing: where a channel's messages are notified
     max_queued_messages: int
+    leeway: float = 0  # jwt-leeway: a token is good until exp + leeway, here as at the handshake
     audit_channel: str | None = None
     meta_channel: str | None = None
 
@@ -103,12 +104,15 @@ class Session:
     # -- expiry ------------------------------------------------------------------------------
 
     def _schedule_expiry(self) -> None:
-        """A token with a numeric exp closes its socket at that moment (3001, as the original)."""
+        """
+        A token with a numeric exp closes its socket at that moment (3001, as the original), plus
+        C{jwt-leeway}: the handshake accepted it until then.
+        """
         self._cancel_expiry()
         exp = self.grant.claims.get("exp")
         if isinstance(exp, (int, float)) and not isinstance(exp, bool):
             try:
-                delay = max(0.0, float(exp) - self._settings.clock())
+                delay = max(0.0, float(exp) + self._settings.leeway - self._settings.clock())
             except OverflowError:  # an exp past what a float holds: never within this process
                 return
             self._expiry = self._settings.reactor.callLater(delay, self._expired)

@@ -6,7 +6,6 @@ that negotiated the pgws subprotocol), and the 1001 close at shutdown.
 
 from __future__ import annotations
 
-import pytest
 from memory import EPOCH, MemoryClient, MemoryRelay, envelope, status_and_body, token, upgrade_request
 
 R = {"mode": "r"}
@@ -186,12 +185,6 @@ def test_writers_keep_sending_across_a_listener_loss():
     assert relay.pool.statements == [[("chat", envelope("chat", "x", W, EPOCH))]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug: Listener.ready() waits only for LISTENs in _inflight, and the re-LISTEN after a "
-    "reconnect is not tracked there (state is LISTENING before it runs), so a new reader of a "
-    "channel that already had readers gets its 101 before PostgreSQL has executed its LISTEN; "
-    "what is notified in between never reaches it (a pgws-subprotocol client is at least told "
-    "by the gap that follows, a plain one is not)"))
 def test_handshake_during_the_relisten_waits_for_it():
     relay = MemoryRelay()
     reader(relay)
@@ -235,10 +228,6 @@ def test_stop_closes_the_listen_session():
     assert session.connected is False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug: Relay._stop closes the sockets in factory.sockets, then stops the listener; a "
-    "handshake waiting for its LISTEN then sees ready() fire (the statement failed) and gets its "
-    "101 after the stop, and that socket is never closed"))
 def test_no_socket_is_left_open_by_a_handshake_pending_at_stop():
     relay = MemoryRelay()
     relay.db.hold_listen = True

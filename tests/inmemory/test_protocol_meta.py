@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from memory import EPOCH, MemoryRelay, envelope, token
 
 W = {"mode": "w"}
@@ -127,10 +126,6 @@ def test_refused_handshake_has_no_meta_events():
     assert relay.db.notified == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug: RelayProtocol._connect does not check, after awaiting the LISTEN, that the client "
-    "is still there; Autobahn then completes the handshake on the dead connection and onOpen runs "
-    "after onClose, so a Session is made (ConnectionOpen notified, never a ConnectionClose)"))
 def test_client_gone_during_the_listen_wait_has_no_meta_events():
     relay = MemoryRelay(meta_channel="meta")
     relay.db.hold_listen = True
@@ -143,9 +138,6 @@ def test_client_gone_during_the_listen_wait_has_no_meta_events():
     assert relay.db.notified == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug: a client gone while its LISTEN was pending is still added to factory.sockets when "
-    "the LISTEN completes (onOpen after onClose) and is never removed"))
 def test_client_gone_during_the_listen_wait_is_not_kept_as_an_open_socket():
     relay = MemoryRelay()
     relay.db.hold_listen = True

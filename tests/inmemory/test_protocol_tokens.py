@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
 from memory import EPOCH, MemoryClient, MemoryRelay, envelope, status_and_body, token, upgrade_request
 
 OTHER_SECRET = "another secret, long enough for hmac"
@@ -59,10 +58,6 @@ def test_expired_socket_stops_listening():
     assert relay.db.listening() == set()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug: the handshake accepts a token up to jwt-leeway seconds past its exp "
-    "(TokenVerifier._check_times), but Session._schedule_expiry closes at exp itself, so a "
-    "token accepted within the leeway is closed with 3001 the moment its socket opens"))
 def test_token_accepted_within_the_leeway_is_not_closed_at_once():
     relay = MemoryRelay(jwt_leeway=10)
     client = relay.open("/chat/" + token({"mode": "rw", "exp": EPOCH - 5}))
@@ -70,9 +65,6 @@ def test_token_accepted_within_the_leeway_is_not_closed_at_once():
     assert client.closed is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug: with jwt-leeway the socket still closes at exp, not at exp + leeway, although "
-    "the same token would be accepted by a new handshake until exp + leeway"))
 def test_exp_with_leeway_closes_at_exp_plus_leeway():
     relay = MemoryRelay(jwt_leeway=10)
     client = relay.open("/chat/" + token({"mode": "rw", "exp": EPOCH + 1}))
