@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,11 +186,20 @@ async def handshake(port: int, path: str) -> HttpResponse:
     return await http_request(port, upgrade_request(path))
 
 
+def application_name() -> str:
+    """
+    A name of its own for a test server's sessions: a test that terminates or stops "its" LISTEN
+    session must never touch another server's, nor another pgws on a shared database.
+    """
+    return f"pgws-test-{uuid.uuid4().hex[:8]}"
+
+
 @dataclass
 class Server:
     relay: Relay
     port: int
     listening: Any
+    application_name: str
 
     async def stop(self) -> None:
         await self.listening.stopListening()
@@ -198,10 +208,28 @@ class Server:
     async def listening_channels(self) -> list[str]:
         return sorted(await self.relay.listener.listening_channels())
 
+    @property
+    def listener_name(self) -> str:
+        """The application_name of this server's LISTEN session in pg_stat_activity."""
+        return f"{self.application_name} listener"
+
+    def listener_pids(self, db: Db) -> list[int]:
+        """The backends of this server's LISTEN session (one while it is connected)."""
+        return [pid for (pid,) in db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (self.listener_name,))]
+
+    def terminate_listener(self, db: Db) -> int:
+        """Terminate this server's LISTEN session, and no other; how many backends that ended."""
+        rows = db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE application_name = %s", (self.listener_name,))
+        return sum(1 for (ended,) in rows if ended)
+
 
 async def start_server(db_uri: str, relay_options: dict[str, Any] | None = None,
                        **settings: Any) -> Server:
-    cli = {"db-uri": db_uri, "jwt-secret": SECRET, "server-port": 0}
+    """A relay on a free port of 127.0.0.1; its sessions are named by a fresh L{application_name}."""
+    cli = {"db-uri": db_uri, "jwt-secret": SECRET, "server-port": 0,
+           "application-name": application_name()}
     cli.update({k.replace("_", "-"): v for k, v in settings.items()})
     config = load_config(None, {}, {k: v for k, v in cli.items() if v is not None})
     relay = Relay(config, reactor=reactor, **(relay_options or {}))
@@ -209,7 +237,7 @@ async def start_server(db_uri: str, relay_options: dict[str, Any] | None = None,
     await wait(relay.whenReady())
     listening = reactor.listenTCP(0, make_site(relay.resource()), backlog=1024,
                                   interface="127.0.0.1")
-    return Server(relay, listening.getHost().port, listening)
+    return Server(relay, listening.getHost().port, listening, config.application_name)
 
 
 class Db:

@@ -298,8 +298,7 @@ async def test_database_error_closes_1011_and_others_keep_working(db_uri, db: Db
 async def test_listen_session_killed_comes_back_with_its_channels(server, db: Db):
     reader = await ws_connect(server.port, "/revive/" + token({"mode": "r"}))
     await until_listening(server, "revive")
-    db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-               "WHERE application_name = 'pgws listener' AND pid <> pg_backend_pid()")
+    assert server.terminate_listener(db) == 1  # this server's session, and only it
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         db.notify("revive", "after")

@@ -101,8 +101,7 @@ async def test_killed_listen_session_recovers_while_messages_flow(db_uri, db: Db
         gap_reader = await ws_connect(server.port, "/k1/" + token({"mode": "r"}),
                                       protocols=["pgws"])
         assert sorted(await server.listening_channels()) == ["k1", "k2", "k3"]
-        db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                   "WHERE application_name = 'pgws listener'")
+        assert server.terminate_listener(db) == 1  # this server's session, and only it
         killed = time.monotonic()
         # Notifications keep being sent; once the session is back, every later one arrives.
         listener = server.relay.listener
@@ -330,9 +329,7 @@ async def test_silent_listen_session_is_noticed_by_the_check(db_uri, db: Db):
     frozen = None
     try:
         reader = await ws_connect(server.port, "/frozen/" + token({"mode": "r"}))
-        [(frozen,)] = db.execute("SELECT pid FROM pg_stat_activity WHERE application_name = "
-                                 "'pgws listener' AND pid <> pg_backend_pid() "
-                                 "ORDER BY backend_start DESC LIMIT 1")
+        [frozen] = server.listener_pids(db)  # this server's LISTEN session, and only it
         os.kill(frozen, signal.SIGSTOP)
         listener = server.relay.listener
         started = time.monotonic()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from support import SECRET, http_request, sleep, token, ws_connect
+from support import SECRET, Db, application_name, http_request, sleep, token, ws_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = [str(Path(sys.executable).parent / "twistd")]  # the twistd of this virtualenv
@@ -67,13 +67,18 @@ def test_taken_port_is_a_clean_start_up_error(db_uri, tmp_path):
 
 
 class Twistd:
-    """A running `twistd -n pgws` whose log is read from a file."""
+    """
+    A running `twistd -n pgws` whose log is read from a file; its database sessions are named
+    by an application name of its own, as start_server's are.
+    """
 
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.log = tmp_path / "twistd.log"
+        self.application_name = application_name()
         self.proc = subprocess.Popen(
-            [*TWISTD, "--pidfile=", "-n", "--logfile", str(self.log), "pgws", *args],
+            [*TWISTD, "--pidfile=", "-n", "--logfile", str(self.log), "pgws",
+             "--application-name", self.application_name, *args],
             cwd=ROOT, env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -95,6 +100,12 @@ class Twistd:
         self.proc.kill()
         out, err = self.proc.communicate()
         pytest.fail(f"twistd did not start: {err}\n{self.text()}")
+
+    def sessions(self, db: Db) -> list[str]:
+        """The application_name of each of its sessions in pg_stat_activity, sorted."""
+        return sorted(name for (name,) in db.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE %s",
+            (self.application_name + " %",)))
 
     async def ready(self, timeout: float = 60) -> int:
         """Listening, and relaying: /readyz says so (the database connects after the port opens)."""
@@ -128,12 +139,15 @@ def free_port() -> int:
 
 
 @pytest_twisted.ensureDeferred
-async def test_twistd_serves_the_page_and_relays(db_uri, tmp_path):
+async def test_twistd_serves_the_page_and_relays(db_uri, db: Db, tmp_path):
     server = Twistd(tmp_path, "--db-uri", db_uri, "--port", "0", "--server-host", "127.0.0.1",
                     "--server-root", str(ROOT / "client-example"), "--audit-channel", "audit",
-                    env={"PGWS_JWT_SECRET": SECRET})
+                    "--db-pool", "2", env={"PGWS_JWT_SECRET": SECRET})
     try:
         port = await server.ready()
+        # --application-name names its sessions: one LISTEN session, the NOTIFY pool.
+        name = server.application_name
+        assert server.sessions(db) == [f"{name} listener", f"{name} notify", f"{name} notify"]
         page = await http_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert page.status == 200 and b"<html" in page.body.lower()
         jwt_text = token({"mode": "rw"})
@@ -282,8 +296,6 @@ async def test_postgres_websockets_sample_env_starts_pgws(db_uri, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_sigterm_closes_sockets_1001_flushes_and_exits_0(db_uri, tmp_path):
-    from support import Db
-
     db = Db(db_uri)
     db.listen("bye")
     server = Twistd(tmp_path, "--db-uri", db_uri, "--port", "0", "--server-host", "127.0.0.1",
@@ -353,8 +365,6 @@ async def test_prompt_reader_is_not_cut_off_after_pgws_stalls(db_uri, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_two_processes_share_a_port_with_reuse_port(db_uri, tmp_path):
-    from support import Db
-
     port = free_port()
     args = ("--db-uri", db_uri, "--port", str(port), "--server-host", "127.0.0.1",
             "--reuse-port", "true")
