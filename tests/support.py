@@ -9,6 +9,7 @@ import functools
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import psycopg2
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import ITCPTransport
 
 from pgws._config import load_config
 from pgws._service import Relay
@@ -41,12 +43,40 @@ def sleep(seconds: float) -> defer.Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
 
+async def until(check: Callable[[], Any], what: str, timeout: float = TIMEOUT,
+                step: float = 0.02) -> Any:
+    """
+    Poll C{check} (a function, or an async one) until it returns something true, and return that;
+    fail with C{what} after C{timeout} seconds.  For conditions no event announces.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await sleep(step)
+
+
+def tcp(proto: protocol.Protocol) -> ITCPTransport:
+    """A connected protocol's transport, as the TCP transport it is (Twisted types it ITransport)."""
+    transport = proto.transport
+    assert ITCPTransport.providedBy(transport), transport
+    return transport
+
+
 class _ClientProtocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.factory.client._opened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.client.messages.put(payload.decode("utf-8") if not isBinary else payload)
+
+    def onPong(self, payload: bytes) -> None:
+        self.factory.client.pongs.append(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.client._closed(code, reason)
@@ -60,6 +90,7 @@ class Client:
     opened: defer.Deferred[Any] = field(default_factory=defer.Deferred)
     closed: defer.Deferred[tuple[int | None, str | None]] = field(default_factory=defer.Deferred)
     proto: _ClientProtocol | None = None
+    pongs: list[bytes] = field(default_factory=list)  # the payload of each pong, in order
 
     def _opened(self, proto: _ClientProtocol) -> None:
         self.proto = proto
@@ -85,10 +116,50 @@ class Client:
     async def next_json(self, timeout: float = TIMEOUT) -> Any:
         return json.loads(await self.next(timeout))
 
-    async def nothing_for(self, seconds: float) -> None:
-        """Assert that no message arrives within C{seconds}."""
-        await sleep(seconds)
-        assert not self.messages.pending, f"unexpected messages: {self.messages.pending!r}"
+    async def refresh(self, jwt_text: str) -> dict[str, Any]:
+        """Send a token refresh; its answer, a binary JSON message, must be the next message."""
+        assert self.proto is not None
+        self.proto.sendMessage(json.dumps({"refresh": jwt_text}).encode(), isBinary=True)
+        reply = await self.next()
+        assert isinstance(reply, bytes), reply
+        return json.loads(reply)
+
+    async def received_before_barrier(self, jwt_text: str) -> list[Any]:
+        """
+        A barrier on this socket: send a token refresh (C{jwt_text} grants what the socket has)
+        and return every message that arrived before its answer.  The server writes the answer on
+        the same TCP stream, after everything it wrote to this socket before it read the refresh:
+        whatever the server sent this socket until then is in the list.  A socket that closes
+        instead fails at once.
+        """
+        assert self.proto is not None
+        assert not self.closed.called, f"the socket is closed: {self.closed.result!r}"
+        self.proto.sendMessage(json.dumps({"refresh": jwt_text}).encode(), isBinary=True)
+        before: list[Any] = []
+        while True:
+            message = await self._next_while_open()
+            if isinstance(message, bytes) and "refreshed" in (reply := json.loads(message)):
+                assert reply["refreshed"] is True, reply
+                return before
+            before.append(message)
+
+    async def _next_while_open(self) -> Any:
+        got = self.messages.get()
+        closed: defer.Deferred[Any] = defer.Deferred()
+
+        def passthrough(result: Any) -> Any:
+            closed.callback(result)
+            return result
+
+        self.closed.addBoth(passthrough)
+        first, index = await wait(defer.DeferredList([got, closed], fireOnOneCallback=True,
+                                                     fireOnOneErrback=True, consumeErrors=True))
+        if index == 1:
+            got.cancel()  # its message, if one comes, stays in the queue
+            got.addErrback(lambda f: f.trap(defer.CancelledError))
+            raise AssertionError(f"the socket closed {first!r}; received before: "
+                                 f"{self.messages.pending!r}")
+        return first
 
     def close(self) -> None:
         if self.proto is not None:

@@ -40,8 +40,8 @@ async def test_readme_embedding_example_runs_and_relays(db_uri, tmp_path):
         port = int(m.group(1))
         page = await http_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert page.body == b"my application\n"
+        # The 101 comes once PostgreSQL has executed the LISTEN: its own message comes back.
         client = await ws_connect(port, "/ws/embedded-chat/" + token({"mode": "rw"}))
-        await sleep(0.3)  # LISTEN is issued asynchronously
         client.send("mounted")
         got = await client.next_json()
         assert (got["channel"], got["payload"]) == ("embedded-chat", "mounted")

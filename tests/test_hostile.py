@@ -39,7 +39,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from pgws._auth import MODES, Refusal, authorize, split_path
 from pgws._credentials import BEARER_PREFIX, locate
-from support import SECRET, Client, Db, Server, _Raw, sleep, start_server, token, upgrade_request, wait, ws_connect
+from support import SECRET, Client, Db, Server, _Raw, start_server, token, until, upgrade_request, wait, ws_connect
 
 NONE_TOKEN = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJtb2RlIjoicncifQ."
 HS256 = {"alg": "HS256", "typ": "JWT"}
@@ -429,9 +429,13 @@ async def test_far_future_integer_exp_opens_cleanly(server, log_lines):
     jwt_text = token({"mode": "rw", "exp": 10**400})
     client = await ws_connect(server.port, f"/{channel}/{jwt_text}")
     await round_trip(client, "far " + uuid.uuid4().hex)
+    [opened] = [line for line in log_lines if f" open: mode rw, channels {channel}" in line]
+    peer = opened.split(" open: ")[0]  # "WebSocket from <peer>"
     client.close()
     await wait(client.closed)
-    await sleep(0.1)  # the server's side of the close
+    # The server's side of the close, done once it logs it.
+    await until(lambda: any(line.startswith(f"{peer} closed: ") for line in log_lines),
+                "the server's side of the close")
     flush_unhandled_errors()
     assert not log_lines.failures
     assert any(f"open: mode rw, channels {channel}" in line for line in log_lines)
@@ -620,15 +624,12 @@ async def test_fragmented_text_message_is_relayed_whole(server):
 @pytest_twisted.ensureDeferred
 async def test_ping_flood_disturbs_neither_the_socket_nor_the_server(server, log_lines):
     client = await rw_socket(server)
-    pongs: list[bytes] = []
-    client.proto.onPong = pongs.append
+    assert client.proto is not None
     pings = [str(n).encode() for n in range(2000)]
     for payload in pings:
         client.proto.sendPing(payload)
-    deadline = time.monotonic() + 10
-    while len(pongs) < len(pings) and time.monotonic() < deadline:
-        await sleep(0.05)
-    assert pongs == pings  # every ping answered, in order
+    await until(lambda: len(client.pongs) >= len(pings), "every ping answered")
+    assert client.pongs == pings  # every ping answered, in order
     await round_trip(client, "after the flood " + uuid.uuid4().hex)
     assert not client.closed.called
     await still_serves(server)

@@ -9,14 +9,28 @@ import urllib.parse
 import psycopg2.extensions
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.python.failure import Failure
 
-from support import Db, sleep, start_server, token, wait, ws_connect
+from support import Db, sleep, start_server, tcp, token, until, upgrade_request, wait, ws_connect
 
 
 @pytest_twisted.async_yield_fixture
 async def server(db_uri):
     s = await start_server(db_uri, audit_channel="audit")
+    yield s
+    await s.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def serial_server(db_uri):
+    """
+    A server with a NOTIFY pool of one connection: its NOTIFYs run one after the other, in the
+    order it issues them, and PostgreSQL delivers them in commit order.  So a message that passes
+    is a barrier for one the server received before it and should have dropped.
+    """
+    s = await start_server(db_uri, audit_channel="audit", db_pool=1)
     yield s
     await s.stop()
 
@@ -88,17 +102,27 @@ async def test_write_only_token_never_receives(server, db: Db):
     assert json.loads(await reader.next())["payload"] == "from the writer"
     db.notify("wo", "from the database")
     assert await reader.next() == "from the database"
-    await writer.nothing_for(0.3)
+    # Both were written to every reader of "wo" before the reader got them; the writer's own
+    # stream, up to the answer of a refresh sent now, holds anything it was given.
+    assert await writer.received_before_barrier(token({"mode": "w"})) == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_read_only_socket_messages_are_not_relayed(server, db: Db):
+async def test_read_only_socket_messages_are_not_relayed(serial_server, db: Db):
+    server = serial_server
     db.listen("ro")
     reader = await ws_connect(server.port, "/ro/" + token({"mode": "r"}))
     reader.send("should not pass")
-    assert await db.received(1, timeout=0.5) == []
-    # The socket stays open and keeps reading.
-    await until_listening(server, "ro")
+    # The refresh's answer means the server has read (and dropped) the message before it; what
+    # a writer sends after that is NOTIFYed after it would have been: it must come first.
+    assert await reader.received_before_barrier(token({"mode": "r"})) == []
+    writer = await ws_connect(server.port, "/ro/" + token({"mode": "w"}))
+    writer.send("from a writer")
+    [(channel, raw)] = await db.received(1)
+    assert (channel, json.loads(raw)["payload"]) == ("ro", "from a writer")
+    # The socket stays open and keeps reading: the writer's message first (the dropped one would
+    # have come before it), then one from the database.
+    assert json.loads(await reader.next())["payload"] == "from a writer"
     db.notify("ro", "still reading")
     assert await reader.next() == "still reading"
 
@@ -140,7 +164,8 @@ async def test_first_reader_listens_and_last_reader_unlistens(server):
     assert "lu" in await until_listening(server, "lu")
     first.close()
     await wait(first.closed)
-    await sleep(0.1)
+    await until(lambda: server.relay.registry.readers("lu") == 1, "the first reader is gone")
+    # pg_listening_channels() runs on the LISTEN session after any UNLISTEN its leaving issued.
     assert "lu" in await server.listening_channels()
     second.close()
     await wait(second.closed)
@@ -150,8 +175,12 @@ async def test_first_reader_listens_and_last_reader_unlistens(server):
 @pytest_twisted.ensureDeferred
 async def test_write_only_socket_does_not_listen(server):
     writer = await ws_connect(server.port, "/wonly/" + token({"mode": "w"}))
-    await sleep(0.2)
-    assert "wonly" not in await server.listening_channels()
+    # A reader opened after it opens once its own LISTEN has run, and the LISTEN session runs
+    # its commands in order: a LISTEN the writer had caused would have run before.
+    await ws_connect(server.port, "/wonly-after/" + token({"mode": "r"}))
+    channels = await server.listening_channels()
+    assert "wonly-after" in channels
+    assert "wonly" not in channels
     writer.close()
 
 
@@ -233,18 +262,20 @@ async def test_token_only_url_uses_channel_claim(server, db: Db):
 
 
 @pytest_twisted.ensureDeferred
-async def test_oversize_message_closes_1009_with_the_limit(server, db: Db):
+async def test_oversize_message_closes_1009_with_the_limit(serial_server, db: Db):
+    server = serial_server
     db.listen("big")
     writer = await ws_connect(server.port, "/big/" + token({"mode": "w"}))
     writer.send("x" * 7990)  # the envelope around it pushes it over 7999 bytes
     code, reason = await wait(writer.closed)
     assert code == 1009
-    assert "7999" in reason
-    assert await db.received(1, timeout=0.3) == []
-    # Others are served as before.
+    assert reason is not None and "7999" in reason
+    # Others are served as before; the next message is the first (and only) one to arrive.
     other = await ws_connect(server.port, "/big/" + token({"mode": "w"}))
     other.send("small")
-    assert len(await db.received(1)) == 1
+    got = await db.received(1)
+    assert len(got) == 1
+    assert [json.loads(p)["payload"] for _, p in got] == ["small"]
 
 
 @pytest_twisted.ensureDeferred
@@ -324,34 +355,30 @@ async def test_notification_right_after_open_is_received(server, db: Db):
 
 @pytest_twisted.ensureDeferred
 async def test_handshake_abandoned_midway_leaves_no_reader(server):
-    from twisted.internet import protocol, reactor
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-
-    from support import upgrade_request
-
     class SendAndLeave(protocol.Protocol):
-        def connectionMade(self):
-            self.transport.write(upgrade_request("/gone/" + token({"mode": "r"})))
-            self.transport.loseConnection()
+        def __init__(self) -> None:
+            self.lost: defer.Deferred[None] = defer.Deferred()
 
-    # The client sends its upgrade and is gone before reading the answer.
+        def connectionMade(self) -> None:
+            tcp(self).write(upgrade_request("/gone/" + token({"mode": "r"})))
+            # Gone: the server reads the end of the stream right after the request.
+            tcp(self).loseWriteConnection()
+
+        def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+            self.lost.callback(None)
+
+    # The client sends its upgrade and is gone before reading the answer.  It sees the server
+    # hang up only after the server has handled the end of the stream (its socket closed).
+    leaving = SendAndLeave()
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
-    await wait(endpoint.connect(protocol.Factory.forProtocol(SendAndLeave)))
-    await sleep(0.2)
-    deadline = time.monotonic() + 10
-    while server.relay.registry.readers("gone") and time.monotonic() < deadline:
-        await sleep(0.05)
+    await wait(endpoint.connect(protocol.Factory.forProtocol(lambda: leaving)))
+    await wait(leaving.lost)
     assert server.relay.registry.readers("gone") == 0
     assert "gone" not in await until_listening(server, "gone", present=False)
 
 
 @pytest_twisted.ensureDeferred
 async def test_peer_that_does_not_answer_pings_is_dropped(db_uri):
-    from twisted.internet import protocol, reactor
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-
-    from support import upgrade_request
-
     class Mute(protocol.Protocol):
         """Completes the handshake, then never answers anything."""
 

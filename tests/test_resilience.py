@@ -21,8 +21,19 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from pgws._embedded import EmbeddedPostgres
-from support import (Db, _Raw, handshake, http_request, sleep, start_server, token,
-                     upgrade_request, wait, ws_connect)
+from support import (
+    Db,
+    _Raw,
+    handshake,
+    http_request,
+    sleep,
+    start_server,
+    token,
+    until,
+    upgrade_request,
+    wait,
+    ws_connect,
+)
 
 
 def free_port() -> int:
@@ -143,10 +154,15 @@ async def test_restarted_postgres_under_load(own_pg):
         stopped = time.monotonic()
         for i in range(5):
             writer.send(f"during {i}")  # kept while the database is away
-        await sleep(0.5)
+        listener = server.relay.listener
+
+        async def lost():
+            return not listener.connected
+
+        # PostgreSQL comes back only once pgws has noticed it gone.
+        assert await eventually(lost, timeout=30), "pgws did not notice PostgreSQL stopping"
         own_pg.start()
         db = Db(uri)
-        listener = server.relay.listener
 
         async def back():
             return listener.connected
@@ -168,11 +184,16 @@ async def test_restarted_postgres_under_load(own_pg):
 async def test_queue_bound_while_database_away_closes_1013_with_the_count(own_pg):
     uri = own_pg.start()
     server = await start_server(uri, max_queued_messages=10)
+    db = Db(uri)
     try:
+        db.listen("q")
         writer = await ws_connect(server.port, "/q/" + token({"mode": "w"}))
         writer.send("first")
-        await sleep(0.3)
+        [(_, first)] = await db.received(1)  # sent while the database is there
+        assert json.loads(first)["payload"] == "first"
+        db.close()
         own_pg.stop()
+        # Paced, as a client writes: each message meets a database that is away.
         for i in range(30):
             if writer.closed.called:
                 break
@@ -182,6 +203,7 @@ async def test_queue_bound_while_database_away_closes_1013_with_the_count(own_pg
         assert code == 1013
         assert reason == "database unavailable: 11 messages not sent"
     finally:
+        db.close()
         await server.stop()
 
 
@@ -249,8 +271,8 @@ async def test_slow_readers_are_cut_off_and_others_get_everything(db_uri, db: Db
         factory.opened, factory.expected = [], count
         for _ in range(10):
             await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port).connect(factory))
-        while len(factory.opened) < 10 or server.relay.registry.readers("burst") < 210:
-            await sleep(0.05)
+        await until(lambda: len(factory.opened) == 10 and server.relay.registry.readers("burst") == 210,
+                    "210 readers of burst", timeout=30)
         before = rss_bytes()
         payload = "x" * (size - 8)
         for start in range(0, count, 100):
@@ -308,13 +330,12 @@ async def test_allowed_origins(db_uri):
         bad = await http_request(server.port, upgrade_request(path).replace(
             b"Connection: close\r\n", b"Origin: https://evil.example.com\r\nConnection: close\r\n"))
         assert bad.status == 403
+        # Hangs up itself once the 101 is in; a refusal would be followed by the server's close.
         good = _Raw(upgrade_request(path).replace(
-            b"Connection: close\r\n", b"Origin: https://app.example.com\r\n"))
+            b"Connection: close\r\n", b"Origin: https://app.example.com\r\n"), hang_up_after_101=True)
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
         await wait(endpoint.connect(protocol.Factory.forProtocol(lambda: good)))
-        await sleep(0.3)
-        assert good.data.startswith(b"HTTP/1.1 101")
-        good.transport.loseConnection()
+        assert (await wait(good.done)).startswith(b"HTTP/1.1 101")
     finally:
         await server.stop()
 

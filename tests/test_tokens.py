@@ -36,11 +36,9 @@ async def test_subprotocol_answer_never_contains_the_token(server):
     raw = upgrade_request("/sub").replace(
         b"Connection: close\r\n", f"Sec-WebSocket-Protocol: pgws, pgws.bearer.{jwt_text}\r\n"
                                   "Connection: close\r\n".encode())
-    proto = _Raw(raw)  # reads the raw 101 answer
+    proto = _Raw(raw, hang_up_after_101=True)  # reads the raw 101 answer, then hangs up
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
     await wait(endpoint.connect(protocol.Factory.forProtocol(lambda: proto)))
-    await sleep(0.3)
-    proto.transport.loseConnection()
     head = (await wait(proto.done)).split(b"\r\n\r\n")[0].decode()
     assert head.startswith("HTTP/1.1 101")
     assert "sec-websocket-protocol: pgws\r\n" in head.lower() + "\r\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from support import SECRET, Db, application_name, http_request, sleep, token, ws_connect
+from support import SECRET, Db, application_name, http_request, sleep, token, until, ws_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = [str(Path(sys.executable).parent / "twistd")]  # the twistd of this virtualenv
@@ -152,8 +152,8 @@ async def test_twistd_serves_the_page_and_relays(db_uri, db: Db, tmp_path):
         assert page.status == 200 and b"<html" in page.body.lower()
         jwt_text = token({"mode": "rw"})
         alice = await ws_connect(port, "/twistd-chat/" + jwt_text)
+        # The 101 comes once PostgreSQL has executed the LISTEN: bob misses nothing from here on.
         bob = await ws_connect(port, "/twistd-chat/" + token({"mode": "r"}))
-        await sleep(0.3)  # LISTEN is issued asynchronously
         alice.send("through twistd")
         assert (await bob.next_json())["payload"] == "through twistd"
         # A plain GET of a token URL is a 404 whose access-log line hides the token.
@@ -180,8 +180,7 @@ async def test_embedded_database_starts_relays_and_stops_with_pgws(tmp_path):
                     env={"PGWS_JWT_SECRET": SECRET})
     try:
         port = await server.ready(timeout=120)
-        client = await ws_connect(port, "/emb/" + token({"mode": "rw"}))
-        await sleep(0.3)
+        client = await ws_connect(port, "/emb/" + token({"mode": "rw"}))  # open once LISTENing
         client.send("embedded")
         assert (await client.next_json())["payload"] == "embedded"
         pid = int((data_dir / "postmaster.pid").read_text().split()[0])
@@ -207,12 +206,12 @@ async def test_tls_serves_wss_with_the_given_certificate(db_uri, tmp_path):
         deadline = time.monotonic() + 30
         while True:  # 503 until the database is connected
             try:
+                # Open once PostgreSQL has executed its LISTEN.
                 client = await ws_connect(port, "/tls/" + token({"mode": "rw"}), trust_pem=pem)
                 break
             except ConnectionError:
                 assert time.monotonic() < deadline
                 await sleep(0.2)
-        await sleep(0.2)
         client.send("encrypted")
         assert (await client.next_json())["payload"] == "encrypted"
     finally:
@@ -347,8 +346,7 @@ async def test_prompt_reader_is_not_cut_off_after_pgws_stalls(db_uri, tmp_path):
         factory.protocol = CountingReader
         factory.opened, factory.expected = [], count
         await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory))
-        while not factory.opened:
-            await sleep(0.02)
+        await until(lambda: factory.opened, "the reader is open")
         server.proc.send_signal(signal.SIGSTOP)
         try:
             for start in range(0, count, 10_000):
