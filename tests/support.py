@@ -83,6 +83,20 @@ class _ClientProtocol(WebSocketClientProtocol):
 
 
 @dataclass
+class AheadClock:
+    """
+    Wall-clock time C{ahead} seconds in the future, for a relay's C{clock}: with C{ahead} = 59.7,
+    a token whose exp is a minute away by the real clock expires 0.3 s of real time after now.
+    The relay's expiry timer runs on the real reactor, which is why this shifts, never scales.
+    """
+
+    ahead: float
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead
+
+
+@dataclass
 class Client:
     """A WebSocket client: C{messages} is a queue of received texts; C{closed} fires (code, reason)."""
 

@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 
 from pgws._config import load_config
-from support import Db, handshake, sleep, start_server, token, wait, ws_connect
+from support import AheadClock, Db, handshake, sleep, start_server, token, wait, ws_connect
 
 LISTEN = "postgres-websockets-listener"
 
@@ -128,13 +128,16 @@ async def test_meta_channel_needs_a_token_that_names_it(compat):
 
 @pytest_twisted.ensureDeferred
 async def test_token_exp_closes_the_socket_with_3001_at_that_moment(db_uri):
-    server = await start_server(db_uri)
+    # The relay's clock runs ahead: the token expires a minute from now by the real clock, and
+    # 0.3 s from now by the relay's, which is the one "that moment" is measured on.
+    clock = AheadClock(60 - 0.3)
+    server = await start_server(db_uri, relay_options={"clock": clock})
     try:
-        exp = time.time() + 1.5
+        exp = time.time() + 60
         client = await ws_connect(server.port, "/soon/" + token({"mode": "r", "exp": exp}))
         code, reason = await wait(client.closed, timeout=5)
         assert (code, reason) == (3001, "JWT expired")
-        assert time.time() >= exp - 0.05
+        assert clock() >= exp - 0.05
     finally:
         await server.stop()
 

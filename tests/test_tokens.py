@@ -10,13 +10,37 @@ from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent, globalLogPublisher
 
-from support import (Client, Db, _Raw, handshake, http_request, sleep, start_server, token,
-                     upgrade_request, wait, ws_connect)
+from support import (
+    AheadClock,
+    Client,
+    Db,
+    _Raw,
+    handshake,
+    http_request,
+    start_server,
+    token,
+    upgrade_request,
+    wait,
+    ws_connect,
+)
+
+# Tokens here expire a minute from now by the real clock; the relay's clock runs ahead so that
+# for it they expire REAL_LIFE seconds from now.  The expiry still closes a real socket.
+MINUTE = 60.0
+REAL_LIFE = 0.3
 
 
 @pytest_twisted.async_yield_fixture
 async def server(db_uri):
     s = await start_server(db_uri)
+    yield s
+    await s.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def ahead_server(db_uri):
+    """A server whose clock runs MINUTE - REAL_LIFE seconds ahead of the real one."""
+    s = await start_server(db_uri, relay_options={"clock": AheadClock(MINUTE - REAL_LIFE)})
     yield s
     await s.stop()
 
@@ -88,26 +112,30 @@ async def test_bad_header_token_is_401_and_never_logged(server):
 
 
 async def refresh(client: Client, jwt_text: str) -> dict:
-    client.proto.sendMessage(json.dumps({"refresh": jwt_text}).encode(), isBinary=True)
-    reply = await client.next()
-    assert isinstance(reply, bytes), reply
-    return json.loads(reply)
+    return await client.refresh(jwt_text)
 
 
 @pytest_twisted.ensureDeferred
-async def test_refresh_extends_an_expiring_connection(server):
-    soon = time.time() + 1.5
+async def test_refresh_extends_an_expiring_connection(ahead_server):
+    server = ahead_server
+    soon = time.time() + MINUTE
     client = await ws_connect(server.port, "/r/" + token({"mode": "r", "exp": soon}))
     later = time.time() + 3600
     assert await refresh(client, token({"mode": "r", "exp": later})) == {"refreshed": True,
                                                                          "exp": later}
-    await sleep(max(0, soon - time.time()) + 0.5)
+    # A socket whose token expires a little after the first one's old exp, not refreshed: once it
+    # is closed, the relay's timers have passed that old exp.
+    control = await ws_connect(server.port, "/r/" + token({"mode": "r", "exp": soon + 0.1}))
+    assert await wait(control.closed) == (3001, "JWT expired")
+    # The refreshed socket is still open: a refresh it sends now is answered, nothing before it.
+    assert await client.received_before_barrier(token({"mode": "r", "exp": later})) == []
     assert not client.closed.called
 
 
 @pytest_twisted.ensureDeferred
-async def test_refresh_may_not_widen_mode_or_channels(server):
-    soon = time.time() + 2
+async def test_refresh_may_not_widen_mode_or_channels(ahead_server):
+    server = ahead_server
+    soon = time.time() + MINUTE
     client = await ws_connect(server.port, "/" + token({"mode": "r", "channels": ["a"], "exp": soon}))
     wider_mode = await refresh(client, token({"mode": "rw", "channels": ["a"]}))
     assert wider_mode == {"refreshed": False,
