@@ -27,7 +27,7 @@ def db_uri() -> Iterator[str]:
 
 
 @pytest.fixture
-def db(db_uri: str):  # type: ignore[no-untyped-def]
+def db(db_uri: str):
     from support import Db
 
     conn = Db(db_uri)

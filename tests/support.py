@@ -17,8 +17,10 @@ import jwt
 import psycopg2
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import ITCPTransport
+from twisted.python.failure import Failure
 
 from pgws._config import load_config
 from pgws._service import Relay
@@ -230,15 +232,15 @@ class _Raw(protocol.Protocol):
         self.done: defer.Deferred[bytes] = defer.Deferred()
 
     def connectionMade(self) -> None:
-        self.transport.write(self.request)
+        tcp(self).write(self.request)
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
         if (self.hang_up_after_101 and self.data.startswith(b"HTTP/1.1 101 ")
                 and b"\r\n\r\n" in self.data):
-            self.transport.abortConnection()
+            tcp(self).abortConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.done.callback(self.data)
 
 
@@ -320,9 +322,13 @@ async def start_server(db_uri: str, relay_options: dict[str, Any] | None = None,
     relay = Relay(config, reactor=reactor, **(relay_options or {}))
     relay.startService()
     await wait(relay.whenReady())
-    listening = reactor.listenTCP(0, make_site(relay.resource()), backlog=1024,
+    # Twisted types the factory as ServerFactory[Protocol] and Factory is invariant: a Site (a
+    # ServerFactory of HTTP channels) does not match, though listenTCP takes any server factory.
+    listening = reactor.listenTCP(0, make_site(relay.resource()), backlog=1024,  # type: ignore[arg-type]
                                   interface="127.0.0.1")
-    return Server(relay, listening.getHost().port, listening, config.application_name)
+    address = listening.getHost()
+    assert isinstance(address, IPv4Address), address
+    return Server(relay, address.port, listening, config.application_name)
 
 
 class Db:

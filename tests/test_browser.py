@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
 from twisted.internet import defer, reactor, threads
+from twisted.internet.interfaces import IReactorFromThreads
 
 from support import Db, start_server, wait
 
@@ -79,7 +80,8 @@ async def in_browser(session: Callable[[Any], None]) -> None:
 
 def from_thread(coro_fn: Callable[[], Any]) -> Any:
     """In the browser thread: run an async function on the reactor and wait for its result."""
-    return threads.blockingCallFromThread(reactor, lambda: defer.ensureDeferred(coro_fn()))
+    return threads.blockingCallFromThread(IReactorFromThreads(reactor),
+                                          lambda: defer.ensureDeferred(coro_fn()))
 
 
 def wait_listening(server, *channels: str) -> None:
@@ -99,11 +101,12 @@ class PageWatch:
     def __init__(self, page: Any) -> None:
         self.errors: list[str] = []
         page.on("pageerror", lambda exc: self.errors.append(f"script error: {exc}"))
-        page.on(
-            "response",
-            lambda r: r.status >= 400 and self.errors.append(f"HTTP {r.status} for {r.url}"),
-        )
+        page.on("response", self._response)
         page.on("requestfailed", lambda r: self.errors.append(f"request failed: {r.url}"))
+
+    def _response(self, response: Any) -> None:
+        if response.status >= 400:
+            self.errors.append(f"HTTP {response.status} for {response.url}")
 
     def check(self) -> None:
         assert self.errors == []

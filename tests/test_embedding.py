@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
 
 from support import SECRET, http_request, sleep, token, ws_connect
 

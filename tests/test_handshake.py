@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import pytest_twisted
-from twisted.logger import formatEvent, globalLogPublisher
+import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from zope.interface import provider
 
 from support import SECRET, handshake, start_server, token, ws_connect
 
@@ -20,7 +21,8 @@ async def server(db_uri):
 def log_lines():
     lines: list[str] = []
 
-    def observe(event):  # type: ignore[no-untyped-def]
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
         lines.append(formatEvent(event) or "")
 
     globalLogPublisher.addObserver(observe)

@@ -26,7 +26,7 @@ from typing import Any
 
 import jwt
 import pytest
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, event, given, settings
@@ -35,11 +35,26 @@ from jwt.algorithms import RSAAlgorithm
 from psycopg2 import sql
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pgws._auth import MODES, Refusal, authorize, split_path
 from pgws._credentials import BEARER_PREFIX, locate
-from support import SECRET, Client, Db, Server, _Raw, start_server, token, until, upgrade_request, wait, ws_connect
+from support import (
+    SECRET,
+    Client,
+    Db,
+    Server,
+    _Raw,
+    start_server,
+    tcp,
+    token,
+    until,
+    upgrade_request,
+    wait,
+    ws_connect,
+)
 
 NONE_TOKEN = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJtb2RlIjoicncifQ."
 HS256 = {"alg": "HS256", "typ": "JWT"}
@@ -70,6 +85,7 @@ async def impatient_server(db_uri):
     await s.stop()
 
 
+@implementer(ILogObserver)
 class LogLines(list[str]):
     """Every event of the global log publisher while a test runs, formatted; and the failures."""
 
@@ -77,7 +93,7 @@ class LogLines(list[str]):
         super().__init__()
         self.failures: list[str] = []
 
-    def observe(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         text = formatEvent(event) or ""
         if event.get("log_failure") is not None:
             text += "\n" + event["log_failure"].getTraceback()
@@ -90,9 +106,9 @@ class LogLines(list[str]):
 @pytest.fixture
 def log_lines():
     lines = LogLines()
-    globalLogPublisher.addObserver(lines.observe)
+    globalLogPublisher.addObserver(lines)
     yield lines
-    globalLogPublisher.removeObserver(lines.observe)
+    globalLogPublisher.removeObserver(lines)
 
 
 def assert_not_logged(lines: list[str], *tokens: str) -> None:
@@ -570,6 +586,7 @@ async def rw_socket(server: Server) -> Client:
 async def test_invalid_utf8_text_closes_only_that_socket(server, log_lines):
     bystander = await rw_socket(server)
     client = await rw_socket(server)
+    assert client.proto is not None
     client.proto.sendMessage(b"valid, then \xff\xfe", isBinary=False)
     await wait(client.closed)
     await round_trip(bystander, "unbothered " + uuid.uuid4().hex)
@@ -580,6 +597,7 @@ async def test_invalid_utf8_text_closes_only_that_socket(server, log_lines):
 @pytest_twisted.ensureDeferred
 async def test_invalid_utf8_text_is_closed_with_1007(server):
     client = await rw_socket(server)
+    assert client.proto is not None
     client.proto.sendMessage(b"valid, then \xff\xfe", isBinary=False)
     code, _ = await wait(client.closed)
     assert code == 1007
@@ -645,9 +663,9 @@ class _HalfOpen(protocol.Protocol):
         self.lost: defer.Deferred[float] = defer.Deferred()
 
     def connectionMade(self) -> None:
-        self.transport.write(self.first)
+        tcp(self).write(self.first)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost.callback(time.monotonic())
 
 
@@ -672,7 +690,7 @@ async def test_half_open_connections_do_not_block_other_clients(impatient_server
         await still_serves(impatient_server)
     finally:
         for proto in stuck:
-            proto.transport.abortConnection()
+            tcp(proto).abortConnection()
     assert_not_logged(log_lines, GOOD)
 
 
@@ -685,7 +703,7 @@ async def test_half_open_connection_is_closed_within_the_open_handshake_timeout(
         closed_at = await wait(proto.lost, 3)
     finally:
         if not proto.lost.called:
-            proto.transport.abortConnection()
+            tcp(proto).abortConnection()
     assert closed_at - started < 3
 
 

@@ -16,14 +16,17 @@ from typing import Any
 
 import jwt
 import pytest
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from twisted.internet import defer, reactor, ssl
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IReactorSSL
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.web import resource, server
 from twisted.web.client import BrowserLikePolicyForHTTPS
+from zope.interface import provider
 
 from pgws._auth import Refusal, TokenVerifier
 from pgws._config import ConfigError, load_config
@@ -104,8 +107,13 @@ def _private_key(kind: str, n: int) -> Any:
 
 def public_jwk(kind: str, n: int = 0, **members: Any) -> dict[str, Any]:
     public = private_key(kind, n).public_key()
-    to_jwk = {"RSA": RSAAlgorithm, "P-256": ECAlgorithm, "P-384": ECAlgorithm}.get(kind, OKPAlgorithm)
-    return {**to_jwk.to_jwk(public, as_dict=True), **members}
+    if kind == "RSA":
+        jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
+    elif kind in ("P-256", "P-384"):
+        jwk = ECAlgorithm.to_jwk(public, as_dict=True)
+    else:
+        jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
+    return {**jwk, **members}
 
 
 def rsa_public_pem(n: int = 0) -> bytes:
@@ -115,9 +123,10 @@ def rsa_public_pem(n: int = 0) -> bytes:
 
 @pytest.fixture
 def log_lines():
-    lines: list[tuple[LogLevel, str]] = []
+    lines: list[tuple[LogLevel | None, str]] = []
 
-    def observe(event):  # type: ignore[no-untyped-def]
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
         lines.append((event.get("log_level"), formatEvent(event) or ""))
 
     globalLogPublisher.addObserver(observe)
@@ -125,7 +134,7 @@ def log_lines():
     globalLogPublisher.removeObserver(observe)
 
 
-def warnings_in(lines: list[tuple[LogLevel, str]]) -> list[str]:
+def warnings_in(lines: list[tuple[LogLevel | None, str]]) -> list[str]:
     return [text for level, text in lines if level == LogLevel.warn]
 
 
@@ -589,8 +598,11 @@ class JwksServer:
         self.resource = JwksResource()
         cert_pem, key_pem = certificate()
         options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
-        self.port = reactor.listenSSL(0, server.Site(self.resource), options, interface="127.0.0.1")
-        self.url = f"https://127.0.0.1:{self.port.getHost().port}/jwks.json"
+        self.port = IReactorSSL(reactor).listenSSL(0, server.Site(self.resource), options,
+                                                   interface="127.0.0.1")
+        address = self.port.getHost()
+        assert isinstance(address, IPv4Address), address
+        self.url = f"https://127.0.0.1:{address.port}/jwks.json"
 
 
 @pytest_twisted.async_yield_fixture

@@ -8,7 +8,7 @@ import urllib.parse
 
 import psycopg2.extensions
 import pytest
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
@@ -295,7 +295,7 @@ async def test_binary_message_closes_1003(server):
     writer = await ws_connect(server.port, "/bin/" + token({"mode": "w"}))
     writer.send_binary(b"\x00\x01")
     code, reason = await wait(writer.closed)
-    assert code == 1003 and "binary" in reason
+    assert code == 1003 and reason is not None and "binary" in reason
 
 
 @pytest_twisted.ensureDeferred
@@ -313,6 +313,7 @@ async def test_database_error_closes_1011_and_others_keep_working(db_uri, db: Db
             writer.send("refused by the database")
             code, reason = await wait(writer.closed)
             assert code == 1011
+            assert reason is not None
             assert "permission denied" in reason and "1 message not sent" in reason
             # The server and its other sockets carry on.
             await until_listening(server, "dberr")
@@ -382,18 +383,18 @@ async def test_peer_that_does_not_answer_pings_is_dropped(db_uri):
     class Mute(protocol.Protocol):
         """Completes the handshake, then never answers anything."""
 
-        def __init__(self):
+        def __init__(self) -> None:
             self.data = b""
-            self.lost = defer.Deferred()
+            self.lost: defer.Deferred[None] = defer.Deferred()
 
-        def connectionMade(self):
-            self.transport.write(upgrade_request("/mute/" + token({"mode": "r"})).replace(
+        def connectionMade(self) -> None:
+            tcp(self).write(upgrade_request("/mute/" + token({"mode": "r"})).replace(
                 b"Connection: close\r\n", b""))
 
-        def dataReceived(self, data):
+        def dataReceived(self, data: bytes) -> None:
             self.data += data
 
-        def connectionLost(self, reason):
+        def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
             self.lost.callback(None)
 
     server = await start_server(db_uri, relay_options={"ping_interval": 0.5, "ping_timeout": 1})

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IReactorSocket
 
 from pgws._embedded import EmbeddedPostgres
 from support import (
@@ -28,6 +29,7 @@ from support import (
     http_request,
     sleep,
     start_server,
+    tcp,
     token,
     until,
     upgrade_request,
@@ -216,13 +218,20 @@ class SlowReader(protocol.Protocol):
         self.opened = False
 
     def connectionMade(self) -> None:
-        self.transport.write(upgrade_request(self.path).replace(b"Connection: close\r\n", b""))
+        tcp(self).write(upgrade_request(self.path).replace(b"Connection: close\r\n", b""))
 
     def dataReceived(self, data: bytes) -> None:
         self.head += data
         if b"\r\n\r\n" in self.head and not self.opened:
             self.opened = True
-            self.transport.pauseProducing()
+            IPushProducer(tcp(self)).pauseProducing()
+
+
+def factory_of(proto: protocol.Protocol) -> protocol.ServerFactory:
+    """A factory that hands out C{proto} itself."""
+    factory = protocol.ServerFactory()
+    factory.protocol = lambda: proto
+    return factory
 
 
 def rss_bytes() -> int:
@@ -233,16 +242,28 @@ def rss_bytes() -> int:
 class CountingReader(WebSocketClientProtocol):
     """A reader that checks order and counts, keeping nothing (so the test's memory stays flat)."""
 
-    def onOpen(self):
-        self.factory.opened.append(self)
-        self.next_index = 0
-        self.done = defer.Deferred()
+    factory: CountingFactory
 
-    def onMessage(self, payload, isBinary):
+    def onOpen(self) -> None:
+        self.next_index = 0
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.factory.opened.append(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
         assert int(payload[:8]) == self.next_index, (payload[:8], self.next_index)
         self.next_index += 1
         if self.next_index == self.factory.expected:
             self.done.callback(None)
+
+
+class CountingFactory(WebSocketClientFactory):
+    """Makes L{CountingReader}s that expect C{expected} notifications; C{opened}: those open."""
+
+    def __init__(self, url: str, expected: int) -> None:
+        super().__init__(url)
+        self.protocol = CountingReader
+        self.expected = expected
+        self.opened: list[CountingReader] = []
 
 
 @pytest_twisted.ensureDeferred
@@ -260,15 +281,12 @@ async def test_slow_readers_are_cut_off_and_others_get_everything(db_uri, db: Db
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", server.port))
             sock.setblocking(False)
-            reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET,
-                                          protocol.Factory.forProtocol(lambda r=reader: r))
+            IReactorSocket(reactor).adoptStreamConnection(sock.fileno(), socket.AF_INET,
+                                                          factory_of(reader))
             sock.close()  # Twisted holds its own duplicate of the descriptor
             slow.append(reader)
             await sleep(0)  # let the server accept (the connect above blocks the reactor)
-        factory = WebSocketClientFactory(f"ws://127.0.0.1:{server.port}/burst/"
-                                         + token({"mode": "r"}))
-        factory.protocol = CountingReader
-        factory.opened, factory.expected = [], count
+        factory = CountingFactory(f"ws://127.0.0.1:{server.port}/burst/" + token({"mode": "r"}), count)
         for _ in range(10):
             await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port).connect(factory))
         await until(lambda: len(factory.opened) == 10 and server.relay.registry.readers("burst") == 210,
@@ -279,8 +297,8 @@ async def test_slow_readers_are_cut_off_and_others_get_everything(db_uri, db: Db
             db.execute("SELECT pg_notify('burst', lpad(i::text, 8, '0') || %s) "
                        "FROM generate_series(%s, %s) AS i", (payload, start, start + 99))
             await sleep(0)
-        for reader in factory.opened:
-            await wait(reader.done, timeout=60)
+        for counting in factory.opened:
+            await wait(counting.done, timeout=60)
         growth = rss_bytes() - before
         assert server.relay.registry.readers("burst") == 10, "slow readers still registered"
         # Bound: what a reader may hold before it is cut off at once (4 x the cap) plus one frame,

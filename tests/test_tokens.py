@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from zope.interface import provider
 
 from support import (
     AheadClock,
@@ -49,6 +50,7 @@ async def ahead_server(db_uri):
 async def test_token_in_subprotocol_is_accepted_and_not_echoed(server, db: Db):
     jwt_text = token({"mode": "r"})
     client = await ws_connect(server.port, "/sub", protocols=["pgws", "pgws.bearer." + jwt_text])
+    assert client.proto is not None
     assert client.proto.websocket_protocol_in_use == "pgws"
     db.notify("sub", "via subprotocol")
     assert await client.next() == "via subprotocol"
@@ -98,7 +100,11 @@ async def test_header_token_with_two_path_segments_is_400(server):
 @pytest_twisted.ensureDeferred
 async def test_bad_header_token_is_401_and_never_logged(server):
     lines: list[str] = []
-    observer = lambda e: lines.append(formatEvent(e) or "")  # noqa: E731
+
+    @provider(ILogObserver)
+    def observer(event: LogEvent) -> None:
+        lines.append(formatEvent(event) or "")
+
     globalLogPublisher.addObserver(observer)
     try:
         bad = token({"mode": "r"}, secret="not the server's secret, but long enough")
@@ -162,6 +168,7 @@ async def test_refreshed_claims_go_into_later_envelopes(server, db: Db):
 @pytest_twisted.ensureDeferred
 async def test_other_binary_frames_close_1003(server):
     client = await ws_connect(server.port, "/b/" + token({"mode": "rw"}))
+    assert client.proto is not None
     client.proto.sendMessage(b'{"not": "a control message"}', isBinary=True)
     code, reason = await wait(client.closed)
     assert code == 1003

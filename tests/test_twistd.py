@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
 
 from support import SECRET, Db, application_name, http_request, sleep, token, until, ws_connect
 
@@ -302,7 +302,9 @@ async def test_sigterm_closes_sockets_1001_flushes_and_exits_0(db_uri, tmp_path)
     try:
         port = await server.ready()
         limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
-        soft, hard = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits).groups()
+        found = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits)
+        assert found is not None, limits
+        soft, hard = found.groups()
         assert soft == hard  # raised at start-up
         writer = await ws_connect(port, "/bye/" + token({"mode": "w"}))
         for i in range(2000):
@@ -329,12 +331,11 @@ async def test_prompt_reader_is_not_cut_off_after_pgws_stalls(db_uri, tmp_path):
     # it reads them in large slices and writes far more than max-pending-bytes to the reader
     # within a few turns.  The reader keeps reading, so it must not be cut off (the benchmark
     # found that it was).
-    from autobahn.twisted.websocket import WebSocketClientFactory
+    from test_resilience import CountingFactory
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
-    from support import Db, wait
-    from test_resilience import CountingReader
+    from support import wait
 
     count = 40_000
     db = Db(db_uri)
@@ -342,9 +343,7 @@ async def test_prompt_reader_is_not_cut_off_after_pgws_stalls(db_uri, tmp_path):
                     "--max-pending-bytes", "65536", env={"PGWS_JWT_SECRET": SECRET})
     try:
         port = await server.ready()
-        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/stall/" + token({"mode": "r"}))
-        factory.protocol = CountingReader
-        factory.opened, factory.expected = [], count
+        factory = CountingFactory(f"ws://127.0.0.1:{port}/stall/" + token({"mode": "r"}), count)
         await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory))
         await until(lambda: factory.opened, "the reader is open")
         server.proc.send_signal(signal.SIGSTOP)
