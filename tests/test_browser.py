@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
+import pytest_twisted
 from twisted.internet import defer, reactor, threads
 from twisted.internet.interfaces import IReactorFromThreads
 

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
+import pytest_twisted
 
 from pgws._config import load_config
 from support import AheadClock, Db, handshake, sleep, start_server, token, wait, ws_connect

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
+import pytest_twisted
 
-from support import SECRET, http_request, sleep, token, ws_connect
+from support import SECRET, http_request, sleep, token, until, ws_connect
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -40,6 +40,13 @@ async def test_readme_embedding_example_runs_and_relays(db_uri, tmp_path):
         port = int(m.group(1))
         page = await http_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert page.body == b"my application\n"
+
+        async def ready() -> bool:  # the relay connects once the reactor runs: until then, 503
+            answer = await http_request(port, b"GET /ws/readyz HTTP/1.1\r\nHost: x\r\n"
+                                              b"Connection: close\r\n\r\n")
+            return answer.status == 200
+
+        await until(ready, "the mounted relay's /ws/readyz answers 200")
         # The 101 comes once PostgreSQL has executed the LISTEN: its own message comes back.
         client = await ws_connect(port, "/ws/embedded-chat/" + token({"mode": "rw"}))
         client.send("mounted")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
+import pytest_twisted
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import provider
 

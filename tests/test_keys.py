@@ -16,7 +16,7 @@ from typing import Any
 
 import jwt
 import pytest
-import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
+import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm

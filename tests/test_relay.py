@@ -8,7 +8,7 @@ import urllib.parse
 
 import psycopg2.extensions
 import pytest
-import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
+import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
+import pytest_twisted
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-import pytest_twisted  # type: ignore[import-untyped]  # pytest-twisted ships no type information
+import pytest_twisted
 
 from support import SECRET, Db, application_name, http_request, sleep, token, until, ws_connect
 
