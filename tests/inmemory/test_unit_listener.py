@@ -27,6 +27,7 @@ class Database:
     def __init__(self) -> None:
         self.connect = "ok"  # "ok", "fail" or "hold" (the test fires it)
         self.hold_operations = False
+        self.close_fails_pending = True  # False: what was stuck stays unanswered, abandoned
         self.made: list[FakeListenConnection] = []
 
     def factory(self, reactor: Any, received: Any, lost: Any) -> FakeListenConnection:
@@ -102,6 +103,8 @@ class FakeListenConnection:
         if self.closed:
             return
         self.closed = True
+        if not self.db.close_fails_pending:
+            self.pending_operations, self.pending_queries = [], []
         for d in self.pending_operations + self.pending_queries:
             if not d.called:
                 d.errback(psycopg2.InterfaceError("connection already closed"))
@@ -450,32 +453,39 @@ def test_a_failing_check_loses_the_session_at_once():
 def test_no_check_while_the_sink_is_busy():
     listener, db, sink, clock = make(check_interval=5)
     start(listener)
+    first = db.conn
     sink.is_busy = True
     clock.advance(5)
     clock.advance(5)
-    assert db.conn.queries == []
+    assert first.queries == []
     sink.is_busy = False
     clock.advance(5)
-    assert db.conn.queries == ["SELECT 1"]
+    assert first.queries == ["SELECT 1"]
+    assert db.made == [first]
 
 
 def test_no_check_when_data_arrived_within_the_interval():
     listener, db, _, clock = make(check_interval=5)
     start(listener)
+    first = db.conn
     clock.advance(4)
-    db.conn.last_read = clock.seconds()
+    first.last_read = clock.seconds()
     clock.advance(1)  # t=5: read 1 s ago
-    assert db.conn.queries == []
+    assert first.queries == []
     clock.advance(5)  # t=10: read 6 s ago
-    assert db.conn.queries == ["SELECT 1"]
+    assert first.queries == ["SELECT 1"]
+    assert db.made == [first]
 
 
 def test_no_check_while_reading_is_paused():
     listener, db, _, clock = make(check_interval=5)
     start(listener)
+    first = db.conn
     listener.pause_reading()
     clock.advance(5)
-    assert db.conn.queries == []
+    clock.advance(5)
+    assert first.queries == []
+    assert db.made == [first]
 
 
 def test_no_check_while_connecting():
@@ -489,8 +499,10 @@ def test_no_check_while_connecting():
 def test_no_check_without_a_check_interval():
     listener, db, _, clock = make(check_interval=0)
     start(listener)
+    first = db.conn
     clock.advance(3600)
-    assert db.conn.queries == []
+    assert first.queries == []
+    assert db.made == [first]
     assert clock.getDelayedCalls() == []
 
 
@@ -543,6 +555,35 @@ def test_ready_fires_at_once_while_the_session_is_down():
     start(listener)
     listener.listen("room")
     assert listener.ready("room").called
+
+
+def test_each_ready_is_its_own_deferred():
+    listener, db, _, _ = make()
+    start(listener)
+    db.hold_operations = True
+    listener.listen("room")
+    first, second = listener.ready("room"), listener.ready("room")
+    first.addCallback(lambda _: "changed by the first waiter")
+    db.conn.answer_operations()
+    assert results_of(second) == [None]
+
+
+def results_of(d: defer.Deferred[Any]) -> list[Any]:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_ready_after_a_loss_does_not_wait_for_a_listen_abandoned_with_its_connection():
+    listener, db, _, _ = make()
+    start(listener)
+    db.hold_operations = True
+    db.close_fails_pending = False  # the stuck LISTEN never answers, even once closed
+    listener.listen("room")
+    assert not listener.ready("room").called
+    db.connect = "hold"
+    kill(db.conn)
+    assert listener.ready("room").called  # down: fires at once, the re-LISTEN follows
 
 
 def test_two_readies_share_one_listen():
@@ -610,6 +651,7 @@ def test_stop_while_listening_closes_the_connection_and_stops_checking():
     listener.stop()
     assert listener.state is State.STOPPED
     assert db.conn.closed
+    assert clock.getDelayedCalls() == []  # the check is stopped, not just idle
     clock.advance(60)
     assert db.conn.queries == []
     assert len(db.made) == 1  # the close reported a loss: not acted on
@@ -622,6 +664,18 @@ def test_stop_during_the_back_off_makes_no_more_attempts():
     listener.stop()
     clock.advance(1000)
     assert db.attempts() == [0]
+    assert listener.state is State.STOPPED
+
+
+def test_stop_during_an_attempt_schedules_no_retry_when_it_fails():
+    listener, db, _, clock = make()
+    db.connect = "hold"
+    start(listener)
+    conn = db.conn
+    listener.stop()
+    assert conn.pending_connect is not None
+    conn.pending_connect.errback(psycopg2.OperationalError("connection refused"))
+    assert clock.getDelayedCalls() == []
     assert listener.state is State.STOPPED
 
 
