@@ -202,6 +202,18 @@ def test_away_keeps_the_batch_and_later_messages_in_order():
     assert outbox.sent == 3
 
 
+def test_a_failed_batch_of_several_messages_is_retried_in_order():
+    outbox, sender, _, clock = make()
+    outbox.put(message(1))
+    outbox.put(message(2))
+    outbox.put(message(3))
+    sender.succeed()  # m2 and m3 in flight together
+    sender.fail(away())
+    outbox.put(message(4))
+    clock.advance(0.25)
+    assert sender.statements[-1] == [("room", "m2"), ("room", "m3"), ("room", "m4")]
+
+
 def test_away_retries_after_a_quarter_second_doubling_up_to_five_seconds():
     outbox, sender, _, clock = make()
     outbox.put(message(1))
@@ -262,12 +274,11 @@ def test_overflow_while_away_reports_the_count_and_drops_the_queue():
 
 def test_overflow_when_the_failed_batch_comes_back_to_a_full_queue():
     outbox, sender, calls, clock = make(max_queued=2)
-    outbox.put(message(1))
-    outbox.put(message(2))
-    outbox.put(message(3))  # not away yet: no overflow check
+    for n in range(1, 5):
+        outbox.put(message(n))  # three wait, over two, but the database is up: no limit
     assert calls.overflows == []
-    sender.fail(away())  # m1 back in front of m2, m3: three waiting, over two
-    assert calls.overflows == [3]
+    sender.fail(away())  # m1 back in front of m2..m4: four waiting
+    assert calls.overflows == [4]
     clock.advance(60)
     assert len(sender.statements) == 1
 
