@@ -175,6 +175,17 @@ def test_a_reader_that_keeps_taking_is_never_cut_off_though_always_over_the_limi
     assert len(transport.taken) == 40 * 600
 
 
+def test_any_progress_counts_even_one_byte_per_turn():
+    writer, transport, cuts, clock = slow(per_call=1)
+    writer.write(b"x" * 2100)
+    for _ in range(40):
+        clock.advance(0.25)
+        turn(clock)
+        writer.write(b"x")
+    assert cuts.at == []
+    assert writer.pending() == 2100
+
+
 def test_the_grace_period_runs_from_the_reader_s_last_progress():
     writer, transport, cuts, clock = slow(per_call=600)
     writer.write(b"x" * 2100)
