@@ -103,8 +103,9 @@ def test_envelope_holds_the_event_channel_payload_and_claims_with_the_delivery_t
 
 def test_envelope_replaces_a_message_delivered_at_claim_of_the_token():
     encoder = EnvelopeEncoder({"message_delivered_at": 1, "mode": "w"})
-    claims = json.loads(encoder.encode("c", "p", 2.0))["claims"]
-    assert claims == {"mode": "w", "message_delivered_at": 2.0}
+    text = encoder.encode("c", "p", 2.0)
+    assert text.endswith('"claims":{"mode":"w","message_delivered_at":2.0}}')
+    assert text.count("message_delivered_at") == 1
 
 
 def test_envelope_of_empty_claims_is_valid_json():
