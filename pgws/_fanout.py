@@ -27,7 +27,8 @@ DELIVERIES_PER_SLICE = 20_000
 # ... and at most about this many bytes of frames (the default; see Fanout's slice_bytes), so that
 # what one turn hands to the transports, which only flush between turns, stays bounded.
 BYTES_PER_SLICE = 2 * 1024 * 1024
-# Consecutive notifications of one channel are written together, up to this many / bytes.
+# Consecutive notifications of one channel are written together, up to this many / bytes (and at
+# most half of a slice's bytes).
 MAX_RUN = 256
 MAX_RUN_BYTES = 64 * 1024
 # Stop reading the LISTEN socket while this many notifications wait to be fanned out.
@@ -60,6 +61,9 @@ class Fanout:
                  slice_bytes: int = BYTES_PER_SLICE) -> None:
         self._reactor = reactor
         self._slice_bytes = slice_bytes
+        # A run is one write to each reader: at most half a slice, so that even a reader behind
+        # TLS (whose writes wait for the next turn) is never far over its limit after one turn.
+        self._run_bytes = min(MAX_RUN_BYTES, slice_bytes // 2)
         self._deliver = _deliver_function(readers, routing or PerChannelRouting())
         self._backlog: collections.deque[Notification] = collections.deque()
         self._draining = False
@@ -104,7 +108,8 @@ class Fanout:
         backlog = self._backlog
         channel, payload = backlog.popleft()
         run, size = [payload], len(payload)
-        while backlog and backlog[0][0] == channel and len(run) < MAX_RUN and size < MAX_RUN_BYTES:
+        while (backlog and backlog[0][0] == channel and len(run) < MAX_RUN
+               and size < self._run_bytes):
             payload = backlog.popleft()[1]
             run.append(payload)
             size += len(payload)

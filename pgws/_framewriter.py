@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import IReactorTime
 
 __all__ = ["FrameWriter", "ReaderLag", "SEND_LIMIT", "SLOW_READER_GRACE",
@@ -72,6 +72,21 @@ class ReaderLag:
         return False
 
 
+def _buffer_below(transport: Any) -> abstract.FileDescriptor | None:
+    """
+    The transport that holds Twisted's write buffer under C{transport} (itself, or the TCP
+    transport below a TLS wrapper).  A wrapper forwards attribute reads to the transport below
+    but not writes, so a setting must be made there.
+    """
+    for _ in range(4):  # TLS over TCP is two levels; a deeper stack is not pgws's
+        if isinstance(transport, abstract.FileDescriptor):
+            return transport
+        transport = vars(transport).get("transport") if hasattr(transport, "__dict__") else None
+        if transport is None:
+            return None
+    return None
+
+
 class FrameWriter:
     """
     Writes frames to one open socket's transport.  C{too_slow(pending)} is called (once per
@@ -84,8 +99,9 @@ class FrameWriter:
         self._too_slow = too_slow
         self._written = 0  # bytes of frames written to the transport, ever
         self._socket: Any = None  # the socket, when frames may be sent on it directly
-        if hasattr(transport, "SEND_LIMIT"):
-            transport.SEND_LIMIT = SEND_LIMIT
+        below = _buffer_below(transport)
+        if below is not None:
+            below.SEND_LIMIT = SEND_LIMIT
         # Plain TCP only: under TLS every byte must go through the TLS layer (a wrapper that
         # forwards attribute reads to the TCP transport below it, so ask for the class).
         if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):

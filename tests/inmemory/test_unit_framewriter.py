@@ -372,11 +372,6 @@ def wrapped(clock: MemoryReactorClock, per_call: int) -> tuple[policies.Protocol
     return wrapper, conn
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug: FrameWriter raises SEND_LIMIT with `transport.SEND_LIMIT = SEND_LIMIT`; under TLS the "
-    "transport is TLSMemoryBIOProtocol, a ProtocolWrapper that forwards attribute *reads* to the TCP "
-    "transport (so hasattr() is true) but not writes: the attribute lands on the wrapper and the "
-    "TCP transport keeps Twisted's 128 KiB per turn"))
 def test_under_tls_the_send_limit_of_the_tcp_transport_below_is_raised():
     pytest.importorskip("OpenSSL")
     from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -389,11 +384,6 @@ def test_under_tls_the_send_limit_of_the_tcp_transport_below_is_raised():
     assert conn.SEND_LIMIT == SEND_LIMIT
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug (consequence of the one above): behind a wrapping transport a reader whose kernel "
-    "takes all it is offered gets 128 KiB per reactor turn, so a few fan-out slices of "
-    "2 x max-pending-bytes (the relay's slice_bytes) put it over 4 x max-pending-bytes and it is "
-    "cut off as too slow"))
 def test_a_prompt_reader_behind_a_wrapping_transport_is_not_cut_off_by_full_slices():
     clock = MemoryReactorClock()
     wrapper, conn = wrapped(clock, per_call=10**9)
@@ -427,12 +417,6 @@ class SocketReader:
         self.writer.write(frames)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug (small max-pending-bytes): the relay sizes fan-out slices at 2 x max-pending-bytes "
-    "so that 'a prompt reader is never taken for a slow one after a burst', but one run of one "
-    "channel is written whole, up to MAX_RUN_BYTES (64 KiB) plus one payload; with "
-    "max-pending-bytes under about 18 KiB (the config accepts 1024) one run is over the 4x hard "
-    "limit and a prompt reader behind TLS is cut off at once"))
 def test_a_prompt_reader_is_not_cut_off_by_one_run_when_max_pending_is_small():
     clock = MemoryReactorClock()
     max_pending = 16 * 1024

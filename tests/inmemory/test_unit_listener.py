@@ -15,7 +15,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
-from pgws._listener import RELISTEN_CHUNK, Listener, State
+from pgws._listener import CONNECT_TIMEOUT, RELISTEN_CHUNK, Listener, State
 
 DSN = "postgres://pgws@db.example:5432/app"
 STEP = 1 / 64  # a binary fraction: the clock adds it without rounding
@@ -689,19 +689,21 @@ def test_a_loss_after_stop_is_ignored():
     assert listener.state is State.STOPPED
 
 
-# -- bugs -----------------------------------------------------------------------------------------
+# -- a connection attempt that never ends -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pgws bug: Listener._attempt awaits conn.connect() with no deadline. The connect_timeout=10 "
-    "it passes is ignored by libpq for asynchronous connections (PQconnectPoll; txpostgres "
-    "connects asynchronously), so a server that accepts TCP but never answers keeps the "
-    "listener CONNECTING forever, start() never returns, and max_attempts never gives up"))
 def test_a_connect_that_never_answers_is_abandoned_and_tried_again():
     reasons: list[str] = []
     listener, db, _, clock = make(max_attempts=2, gave_up=reasons.append)
     db.connect = "hold"
     d = start(listener)
-    clock.advance(60)
+    clock.advance(CONNECT_TIMEOUT - 0.001)
+    assert not d.called and len(db.attempts()) == 1  # still waiting for the first answer
+    clock.advance(0.001)
     assert d.called  # start() returns after the first attempt, whatever its outcome
+    clock.advance(1)  # the back-off before the second attempt
     assert len(db.attempts()) == 2
+    assert listener.state is State.CONNECTING
+    clock.advance(CONNECT_TIMEOUT)
+    assert listener.state is State.GAVE_UP
+    assert reasons == [f"no answer within {CONNECT_TIMEOUT:g} s"]
