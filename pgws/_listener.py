@@ -129,6 +129,9 @@ class Listener:
 
     Notifications go to the L{Sink} given to L{deliver_to} (the fan-out), in PostgreSQL's order.
 
+    @param check_interval: seconds between checks (C{check-listener-interval}; 0: none).
+    @param application_name: what the session is called in C{pg_stat_activity}, before
+        C{listener} (C{application-name}).
     @param recovered: called each time the session is back after a loss, once every wanted
         channel is LISTENed again: readers may have missed notifications.
     @param connection_factory: makes each connection (a fresh one per attempt); tests pass one
@@ -139,11 +142,11 @@ class Listener:
         self,
         reactor: IReactorTime,
         dsn: str,
-        check_interval: float = 5.0,
+        check_interval: float,
+        application_name: str,
         max_attempts: int = 0,
         gave_up: Callable[[str], None] | None = None,
         recovered: Callable[[], None] | None = None,
-        application_name: str = "pgws",
         connection_factory: ConnectionFactory = ListenConnection,
     ) -> None:
         self._reactor = reactor

@@ -47,7 +47,7 @@ class _PoolConnection(QuietConnection):
 class NotifyPool:
     """C{db-pool} connections that run C{pg_notify}; each statement is its own transaction."""
 
-    def __init__(self, reactor: Any, dsn: str, size: int, application_name: str = "pgws") -> None:
+    def __init__(self, reactor: Any, dsn: str, size: int, application_name: str) -> None:
         self._dsn = dsn
         self._settings = connect_kwargs(f"{application_name} notify")
         pool_class = type("_Pool", (ConnectionPool,), {

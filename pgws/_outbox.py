@@ -50,7 +50,8 @@ class Outbox:
     A FIFO of one socket's messages, sent one batch at a time.
 
     While the database is away, messages wait here (and the batch in flight is sent again: a
-    message may then reach PostgreSQL twice, never zero times) up to C{max_queued} messages;
+    message may then reach PostgreSQL twice, never zero times) up to C{max_queued} messages
+    (C{max-queued-messages});
     past that C{on_overflow(count)} is called and the queue is dropped.  A statement PostgreSQL
     refuses calls C{on_error(reason)}.  C{pause}/C{resume} are called when many messages wait
     while the database is up, so that a flooding client is slowed down at its socket.
@@ -64,7 +65,7 @@ class Outbox:
         pool: Sender,
         on_error: Callable[[str], None],
         reactor: IReactorTime,
-        max_queued: int = 1000,
+        max_queued: int,
         on_overflow: Callable[[int], None] | None = None,
         pause: Callable[[], None] | None = None,
         resume: Callable[[], None] | None = None,

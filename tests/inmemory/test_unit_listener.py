@@ -151,11 +151,13 @@ def _finish_what_is_left():
             conn.close()
 
 
-def make(check_interval: float = 0, **kwargs: Any) -> tuple[Listener, Database, Sink, MemoryReactorClock]:
+def make(check_interval: float = 0, application_name: str = "pgws",
+         **kwargs: Any) -> tuple[Listener, Database, Sink, MemoryReactorClock]:
     clock = MemoryReactorClock()
     db = Database()
     listener = Listener(clock, DSN, check_interval=check_interval,
-                        connection_factory=db.factory, **kwargs)
+                        application_name=application_name, connection_factory=db.factory,
+                        **kwargs)
     sink = Sink()
     listener.deliver_to(sink)
     _made.append((listener, db))
