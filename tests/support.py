@@ -350,12 +350,18 @@ class Db:
         self.execute(f'LISTEN "{channel}"')
 
     async def received(self, count: int, timeout: float = TIMEOUT) -> list[tuple[str, str]]:
-        """Wait (letting the reactor run) until C{count} notifications arrived, or the timeout."""
+        """
+        Wait (letting the reactor run) until C{count} notifications arrived, the timeout passed,
+        or the server closed the connection (a server that is shut down).
+        """
         got: list[tuple[str, str]] = []
         deadline = time.monotonic() + timeout
-        while len(got) < count and time.monotonic() < deadline:
+        while len(got) < count and time.monotonic() < deadline and not self.conn.closed:
             await sleep(0.02)
-            self.conn.poll()
+            try:
+                self.conn.poll()
+            except psycopg2.OperationalError:
+                pass  # closed by the server: what arrived before is in notifies
             while self.conn.notifies:
                 n = self.conn.notifies.pop(0)
                 got.append((n.channel, n.payload))

@@ -193,6 +193,41 @@ async def test_embedded_database_starts_relays_and_stops_with_pgws(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_embedded_database_stops_only_after_client_messages_are_flushed(tmp_path):
+    # twistd stops its services all at once: the embedded PostgreSQL must wait for the relay.
+    parent = Path(tempfile.mkdtemp(prefix="pgws-embedded-test-"))
+    parent.chmod(0o755)
+    pg_port = free_port()
+    server = Twistd(tmp_path, "--db-uri", "embedded", "--embedded-data-dir", str(parent / "pgdata"),
+                    "--embedded-port", str(pg_port), "--port", "0", "--server-host", "127.0.0.1",
+                    "--db-pool", "1", env={"PGWS_JWT_SECRET": SECRET})
+    try:
+        port = await server.ready(timeout=120)
+        outside = Db(f"postgresql://postgres@127.0.0.1:{pg_port}/postgres")
+        outside.listen("bye")
+        writer = await ws_connect(port, "/bye/" + token({"mode": "w"}))
+        for i in range(2000):
+            writer.send(str(i))
+        first = await outside.received(1)
+        assert first
+        server.proc.send_signal(signal.SIGTERM)
+        assert await writer.closed == (1001, "server shutting down")
+        got = first + await outside.received(2000, timeout=5)
+        assert await server.terminate(timeout=30, signal_it=False) == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        shutil.rmtree(parent, ignore_errors=True)
+    numbers = [int(json.loads(p)["payload"]) for _, p in got]
+    assert numbers == list(range(len(numbers)))  # a prefix, in order, no gap
+    log = server.text()
+    # Had PostgreSQL stopped under the flush, the rest would have waited for it, then been lost.
+    assert "database unavailable" not in log
+    assert "client messages not sent" not in log
+    assert "Relay stopped" in log
+
+
+@pytest_twisted.ensureDeferred
 async def test_tls_serves_wss_with_the_given_certificate(db_uri, tmp_path):
     from support import make_certificate
 
