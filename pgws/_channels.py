@@ -11,18 +11,33 @@ the order notifications are delivered here (the fan-out delivers them in Postgre
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from pgws._frames import text_frame
+from pgws._frames import binary_frame, text_frame
 from pgws._routing import PerChannelRouting, Routing
 
-__all__ = ["ChannelRegistry", "ListenTarget", "Reader"]
+__all__ = ["ChannelRegistry", "ListenTarget", "Reader", "position_frames"]
+
+
+def position_frames(channel: str, rows: list[tuple[int, str]],
+                    encode: Callable[[bytes], bytes] = text_frame) -> bytes:
+    """
+    Journaled messages as a reader with positions gets them: each one a binary frame
+    C{{"channel": <channel>, "seq": <n>}} followed by the text frame of its payload.
+    """
+    prefix = b'{"channel":' + json.dumps(channel, ensure_ascii=False).encode() + b',"seq":'
+    return b"".join(binary_frame(prefix + str(seq).encode() + b"}") + encode(payload.encode())
+                    for seq, payload in rows)
 
 
 class Reader(Protocol):
+    # Journaled messages reach this reader with their positions (it speaks the pgws subprotocol).
+    wants_positions: bool
+
     def write_frames(self, frames: bytes) -> None:
         """Send pre-built WebSocket frames, one or more back to back, to this reader (never
         blocks, never raises)."""
@@ -48,6 +63,8 @@ class ChannelRegistry:
         self._db_channel = (routing or PerChannelRouting()).db_channel
         self._encode_frame = encode_frame
         self._readers: dict[str, dict[Reader, None]] = {}
+        # Readers catching up from the journal: its live messages skip them meanwhile.
+        self._held: dict[str, set[Reader]] = {}
         self._read_on: dict[str, int] = {}  # database channel -> pgws channels read through it
 
     def add(self, channel: str, reader: Reader) -> None:
@@ -65,6 +82,7 @@ class ChannelRegistry:
         if readers is None or reader not in readers:
             return
         del readers[reader]
+        self.release(channel, reader)
         if not readers:
             del self._readers[channel]
             db = self._db_channel(channel)
@@ -79,6 +97,42 @@ class ChannelRegistry:
 
     def readers(self, channel: str) -> int:
         return len(self._readers.get(channel, ()))
+
+    def hold(self, channel: str, reader: Reader) -> None:
+        """Journaled messages of C{channel} skip C{reader} until L{release} (it is replaying)."""
+        self._held.setdefault(channel, set()).add(reader)
+
+    def release(self, channel: str, reader: Reader) -> None:
+        held = self._held.get(channel)
+        if held is not None:
+            held.discard(reader)
+            if not held:
+                del self._held[channel]
+
+    def deliver_rows(self, channel: str, rows: list[tuple[int, str]]) -> int:
+        """
+        Write a run of C{channel}'s journaled messages (seq, payload) to its readers, each with
+        its position (L{position_frames}) to the readers that want positions, as plain text
+        frames to the others; readers being held are skipped.  Frames are built once.
+        """
+        readers = self._readers.get(channel)
+        if not readers:
+            return 0
+        held = self._held.get(channel, ())
+        plain = positioned = b""
+        encode = self._encode_frame
+        count = 0
+        for reader in list(readers):
+            if reader in held:
+                continue
+            if reader.wants_positions:
+                positioned = positioned or position_frames(channel, rows, encode)
+                reader.write_frames(positioned)
+            else:
+                plain = plain or b"".join(encode(p.encode()) for _, p in rows)
+                reader.write_frames(plain)
+            count += 1
+        return count
 
     def deliver(self, channel: str, payloads: list[bytes]) -> int:
         """

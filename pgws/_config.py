@@ -107,6 +107,21 @@ SETTINGS: tuple[Setting, ...] = (
             "others get 403"),
     Setting("shutdown-timeout", int, 10,
             "seconds a graceful stop may take to flush client messages to the database"),
+    Setting("journal", bool, False,
+            "keep messages in PostgreSQL (schema journal-schema) so that readers resume without "
+            "loss, nothing is lost across a listener outage or a restart, and payloads may be "
+            "large; producers call journal-schema.send(channel, payload)"),
+    Setting("journal-schema", str, "pgws", "the schema pgws creates and owns for the journal"),
+    Setting("journal-channels", str, "*",
+            'comma-separated channel patterns ("*" wildcards) whose client messages go through '
+            "the journal and whose readers get positions"),
+    Setting("journal-max-payload", int, 4 * 1024 * 1024,
+            "the largest payload the journal takes, in bytes; a larger send() fails in the "
+            "producer's transaction"),
+    Setting("journal-retention-seconds", int, 86400,
+            "journaled messages older than this are pruned (0: no age limit)"),
+    Setting("journal-retention-count", int, 10000,
+            "at most this many messages are kept per channel (0: no count limit)"),
     Setting("certificate-file", str, None, "TLS certificate (PEM): serve wss:// and https://"),
     Setting("key-file", str, None, "TLS private key (PEM) for certificate-file"),
 )
@@ -156,6 +171,12 @@ class Config:
     shutdown_timeout: int
     certificate_file: str | None
     key_file: str | None
+    journal: bool
+    journal_schema: str
+    journal_channels: tuple[str, ...]
+    journal_max_payload: int
+    journal_retention_seconds: int
+    journal_retention_count: int
 
     @property
     def embedded(self) -> bool:
@@ -325,6 +346,10 @@ _BOUNDS: tuple[tuple[str, Callable[[int], bool], str], ...] = (
     ("jwt-leeway", lambda v: v >= 0, "must be 0 or more"),
     ("retries", lambda v: v >= 0, "must be 0 or more"),
     ("check-listener-interval", lambda v: v >= 0, "must be 0 (off) or more milliseconds"),
+    ("journal-max-payload", lambda v: 1 <= v <= 256 * 1024 * 1024,
+     "must be between 1 and 268435456 bytes"),
+    ("journal-retention-seconds", lambda v: v >= 0, "must be 0 (no limit) or more"),
+    ("journal-retention-count", lambda v: v >= 0, "must be 0 (no limit) or more"),
 )
 
 
@@ -343,6 +368,7 @@ def _validate(values: dict[str, Any]) -> Config:
     root = values["server-root"]
     if root is not None and not os.path.isdir(root):
         raise ConfigError(f'"server-root": {root} is not a directory')
+    _check_journal(values)
     for name in ("audit-channel", "listen-channel", "meta-channel"):
         if values[name] is not None:
             try:
@@ -356,9 +382,25 @@ def _validate(values: dict[str, Any]) -> Config:
         db_uri=db_uri,
         jwt_secret=secret,
         jwt_secret_file=secret_file,
-        allowed_origins=tuple(o.strip() for o in values["allowed-origins"].split(",") if o.strip()),
+        allowed_origins=_patterns(values["allowed-origins"]),
+        journal_channels=_patterns(values["journal-channels"]),
     )
     return Config(**fields)
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _check_journal(values: Mapping[str, Any]) -> None:
+    if not values["journal"]:
+        return
+    if values["listen-channel"] is not None:
+        raise ConfigError('"journal": the journal needs per-channel routing; unset '
+                          '"listen-channel" or "journal"')
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", values["journal-schema"]):
+        raise ConfigError('"journal-schema": must be a lower-case SQL name (letters, digits, _; '
+                          f"at most 63), got {_show(values['journal-schema'])}")
 
 
 def _secret(values: Mapping[str, Any]) -> tuple[bytes | None, str | None]:

@@ -13,12 +13,16 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.logger import Logger
 
-from pgws._auth import Authorizer, Refusal
+from pgws._auth import Authorizer, Grant, Refusal
 from pgws._channels import ChannelRegistry
 from pgws._config import Config
 from pgws._credentials import SUBPROTOCOL
+from pgws._envelope import NOTIFY_PAYLOAD_LIMIT
+from pgws._framewriter import ReaderLag
+from pgws._journal import Journal, Resume, parse_resume
 from pgws._outbox import Sender
 from pgws._protocol import RelayProtocol
+from pgws._reactor import fire_and_log
 from pgws._routing import PerChannelRouting, Routing
 from pgws._session import SessionSettings
 
@@ -52,6 +56,7 @@ class RelayFactory(WebSocketServerFactory):
         ping_interval: float = 30,
         ping_timeout: float = 10,
         database_ready: Callable[[], bool] = lambda: True,
+        journal: Journal | None = None,
     ) -> None:
         super().__init__(reactor=reactor, server="pgws")
         self.config = config
@@ -59,6 +64,7 @@ class RelayFactory(WebSocketServerFactory):
         self.registry = registry
         self.database_ready = database_ready
         self.clock = clock
+        self.journal = journal
         self.sockets: set[RelayProtocol] = set()
         self.closing = False  # shutting down: no socket opens any more
         self.session_settings = SessionSettings(
@@ -66,18 +72,59 @@ class RelayFactory(WebSocketServerFactory):
             db_channel=(routing or PerChannelRouting()).db_channel,
             max_queued_messages=config.max_queued_messages, leeway=config.jwt_leeway,
             audit_channel=config.audit_channel, meta_channel=config.meta_channel,
+            payload_limit=self._payload_limit,
         )
+        # A client message may be as large as what it is relayed through takes (the envelope's
+        # size is checked again, per channel); this bounds what is read before that check.
+        largest = max(MAX_MESSAGE_BYTES, config.journal_max_payload if journal else 0)
         self.setProtocolOptions(
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
-            maxFramePayloadSize=MAX_MESSAGE_BYTES,
-            maxMessagePayloadSize=MAX_MESSAGE_BYTES,
+            maxFramePayloadSize=largest,
+            maxMessagePayloadSize=largest,
             maxConnections=config.max_connections,
             # Send the close frame (1007, 1009 ...) before dropping, so clients see why.
             failByDrop=False,
         )
+
+    # -- the journal -----------------------------------------------------------------------------
+
+    def journaled(self, channel: str) -> bool:
+        return self.journal is not None and self.journal.journaled(channel)
+
+    def _payload_limit(self, db_channel: str) -> int:
+        """The largest envelope C{db_channel} takes: a NOTIFY's, or the journal's."""
+        if self.journaled(db_channel):
+            return self.config.journal_max_payload
+        return NOTIFY_PAYLOAD_LIMIT
+
+    def positions_for(self, protocols: list[str]) -> bool:
+        """Positions go to readers that speak the pgws subprotocol, when the journal is on."""
+        return self.journal is not None and SUBPROTOCOL in protocols
+
+    def resume_of(self, uri: str, protocols: list[str]) -> Resume | None:
+        """A handshake's resume / history request (with the journal on), or a L{Refusal}."""
+        if self.journal is None:
+            return None  # the query string is ignored, as it always was
+        resume = parse_resume(uri)
+        if resume is not None and SUBPROTOCOL not in protocols:
+            raise Refusal(400, "resume and history need the pgws subprotocol")
+        return resume
+
+    def open_journaled(self, socket: RelayProtocol, grant: Grant, resume: Resume | None) -> None:
+        """Tell a reader with positions where its journaled channels stand, and replay."""
+        assert self.journal is not None
+        for channel in grant.channels:
+            if self.journal.journaled(channel):
+                fire_and_log(self.journal.open_reader(socket, channel, resume,
+                                                      socket.send_control), "journal replay")
+
+    def reader_lag(self) -> ReaderLag:
+        """The slow-reader rule; the largest journaled message must fit in what may wait."""
+        largest = self.config.journal_max_payload if self.journal is not None else 0
+        return ReaderLag(self.config.max_pending_bytes, self.reactor, largest_frame=largest)
 
     def tell_gap(self) -> None:
         """
@@ -88,8 +135,11 @@ class RelayFactory(WebSocketServerFactory):
         message = {"event": "gap", "at": self.clock()}
         told = 0
         for socket in list(self.sockets):
-            if socket.grant is not None and socket.grant.can_read and \
-                    socket.websocket_protocol_in_use == SUBPROTOCOL:
+            grant = socket.grant
+            # A reader of journaled channels only missed nothing: the journal catches up.
+            if grant is not None and grant.can_read and \
+                    socket.websocket_protocol_in_use == SUBPROTOCOL and \
+                    not all(self.journaled(c) for c in grant.channels):
                 socket.send_control(message)
                 told += 1
         _log.info("Told {n} sockets that notifications may have been lost", n=told)

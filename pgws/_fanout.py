@@ -44,7 +44,22 @@ class Readers(Protocol):
         """Write a run of one channel's notifications to its readers; how many readers got it."""
 
 
+class Journaled(Protocol):
+    """The journal, as the fan-out sees it (see L{pgws._journal})."""
+
+    wake_channel: str
+
+    def woken(self, payloads: list[str]) -> None:
+        """Wake-ups (C{<seq>:<channel>}) arrived on L{wake_channel}."""
+
+    def deliver(self, channel: str, rows: list[tuple[int, str]]) -> int:
+        """Write a run of one channel's journaled messages (seq, payload) to its readers."""
+
+
 Deliver = Callable[[str, list[str]], int]
+# A backlog entry: (channel, payload, seq); seq is 0 for a plain notification, else the journaled
+# message's number in its channel.
+Entry = tuple[str, str, int]
 
 
 class Fanout:
@@ -58,14 +73,15 @@ class Fanout:
     """
 
     def __init__(self, reactor: IReactorTime, readers: Readers, routing: Routing | None = None,
-                 slice_bytes: int = BYTES_PER_SLICE) -> None:
+                 slice_bytes: int = BYTES_PER_SLICE, journal: Journaled | None = None) -> None:
         self._reactor = reactor
         self._slice_bytes = slice_bytes
         # A run is one write to each reader: at most half a slice, so that even a reader behind
         # TLS (whose writes wait for the next turn) is never far over its limit after one turn.
         self._run_bytes = min(MAX_RUN_BYTES, slice_bytes // 2)
-        self._deliver = _deliver_function(readers, routing or PerChannelRouting())
-        self._backlog: collections.deque[Notification] = collections.deque()
+        self._deliver = _deliver_function(readers, routing or PerChannelRouting(), journal)
+        self._deliver_rows = journal.deliver if journal is not None else None
+        self._backlog: collections.deque[Entry] = collections.deque()
         self._draining = False
         self._paused = False
         self._reading: Reading | None = None
@@ -77,9 +93,19 @@ class Fanout:
         return bool(self._backlog)
 
     def received(self, notifications: list[Notification]) -> None:
-        self._backlog.extend(notifications)
+        self._backlog.extend([(channel, payload, 0) for channel, payload in notifications])
         if not self._draining:
             self._drain()
+
+    def received_rows(self, channel: str, rows: list[tuple[int, str]]) -> None:
+        """Journaled messages of C{channel}, read from the journal, in order."""
+        self._backlog.extend([(channel, payload, seq) for seq, payload in rows])
+        if not self._draining:
+            self._drain()
+
+    def waiting(self) -> int:
+        """Entries waiting to be fanned out (the journal reads no more while it is long)."""
+        return len(self._backlog)
 
     def _drain(self) -> None:
         """Fan out the backlog in slices of bounded work, yielding to the reactor between."""
@@ -87,10 +113,15 @@ class Fanout:
         budget, byte_budget = DELIVERIES_PER_SLICE, self._slice_bytes
         backlog, deliver = self._backlog, self._deliver
         while backlog and budget > 0 and byte_budget > 0:
-            channel, run, size = self._take_run()
-            readers = deliver(channel, run)
-            budget -= len(run) * (1 + readers)
-            byte_budget -= readers * (size + FRAME_OVERHEAD * len(run))
+            if backlog[0][2]:
+                channel, rows, size = self._take_rows()
+                assert self._deliver_rows is not None
+                readers, count = self._deliver_rows(channel, rows), len(rows)
+            else:
+                channel, run, size = self._take_run()
+                readers, count = deliver(channel, run), len(run)
+            budget -= count * (1 + readers)
+            byte_budget -= readers * (size + FRAME_OVERHEAD * count)
         if backlog:
             if len(backlog) >= BACKLOG_PAUSE and self._reading is not None:
                 # Every slice: the session may have a new connection since the last one.
@@ -104,24 +135,46 @@ class Fanout:
                 self._reading.resume_reading()
 
     def _take_run(self) -> tuple[str, list[str], int]:
-        """The next notifications of one channel: (channel, payloads, their size)."""
+        """The next plain notifications of one channel: (channel, payloads, their size)."""
         backlog = self._backlog
-        channel, payload = backlog.popleft()
+        channel, payload, _ = backlog.popleft()
         run, size = [payload], len(payload)
-        while (backlog and backlog[0][0] == channel and len(run) < MAX_RUN
+        while (backlog and backlog[0][0] == channel and not backlog[0][2] and len(run) < MAX_RUN
                and size < self._run_bytes):
             payload = backlog.popleft()[1]
             run.append(payload)
             size += len(payload)
         return channel, run, size
 
+    def _take_rows(self) -> tuple[str, list[tuple[int, str]], int]:
+        """The next journaled messages of one channel: (channel, rows, their size)."""
+        backlog = self._backlog
+        channel, payload, seq = backlog.popleft()
+        rows, size = [(seq, payload)], len(payload)
+        while (backlog and backlog[0][0] == channel and backlog[0][2] and len(rows) < MAX_RUN
+               and size < self._run_bytes):
+            _, payload, seq = backlog.popleft()
+            rows.append((seq, payload))
+            size += len(payload)
+        return channel, rows, size
 
-def _deliver_function(readers: Readers, routing: Routing) -> Deliver:
+
+def _deliver_function(readers: Readers, routing: Routing, journal: Journaled | None) -> Deliver:
     """
     What the fan-out calls with each run of consecutive notifications of one database channel;
-    it returns how many readers got them.
+    it returns how many readers got them.  The journal's wake-ups go to the journal.
     """
     deliver, route = readers.deliver, routing.route
+    if journal is not None:
+        wake, woken = journal.wake_channel, journal.woken
+
+        def waking(channel: str, payloads: list[str]) -> int:
+            if channel == wake:
+                woken(payloads)
+                return 0
+            return deliver(channel, [p.encode() for p in payloads])
+
+        return waking
     if isinstance(routing, PerChannelRouting):  # the hot path: no routing step
         return lambda channel, payloads: deliver(channel, [p.encode() for p in payloads])
 

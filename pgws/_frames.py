@@ -11,18 +11,28 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["text_frame"]
+__all__ = ["binary_frame", "text_frame"]
 
 _FIN_TEXT = 0x81
+_FIN_BINARY = 0x82
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", opcode, n)
+    elif n < 65536:
+        header = struct.pack("!BBH", opcode, 126, n)
+    else:
+        header = struct.pack("!BBQ", opcode, 127, n)
+    return header + payload
 
 
 def text_frame(payload: bytes) -> bytes:
     """One final, unmasked text frame carrying C{payload} (UTF-8)."""
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", _FIN_TEXT, n)
-    elif n < 65536:
-        header = struct.pack("!BBH", _FIN_TEXT, 126, n)
-    else:
-        header = struct.pack("!BBQ", _FIN_TEXT, 127, n)
-    return header + payload
+    return _frame(_FIN_TEXT, payload)
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """One final, unmasked binary frame (pgws's control messages are binary)."""
+    return _frame(_FIN_BINARY, payload)

@@ -42,8 +42,13 @@ class ReaderLag:
     when more than L{SLOW_READER_HARD_FACTOR} times over it.
     """
 
-    def __init__(self, max_pending: int, clock: IReactorTime) -> None:
+    def __init__(self, max_pending: int, clock: IReactorTime, largest_frame: int = 0) -> None:
+        """
+        @param largest_frame: the largest single message the reader may be sent (a journaled
+            one may be megabytes): the cut-off at once is never below what it needs.
+        """
         self.max_pending = max_pending
+        self._hard = max(max_pending * SLOW_READER_HARD_FACTOR, max_pending + largest_frame)
         self._clock = clock
         self._behind_since: float | None = None  # when the reader last went over max_pending
         self._flushed_mark = 0  # what the kernel had taken then
@@ -59,7 +64,7 @@ class ReaderLag:
         if pending <= self.max_pending:
             self._behind_since = None
             return False
-        if pending > self.max_pending * SLOW_READER_HARD_FACTOR:
+        if pending > self._hard:
             return True
         now = self._clock.seconds()
         flushed = written - pending  # bytes the kernel has taken, ever

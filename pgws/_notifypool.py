@@ -9,7 +9,7 @@ one, and L{NotifyPool.start} hands it the first connect's errback.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -47,8 +47,14 @@ class _PoolConnection(QuietConnection):
 class NotifyPool:
     """C{db-pool} connections that run C{pg_notify}; each statement is its own transaction."""
 
-    def __init__(self, reactor: Any, dsn: str, size: int, application_name: str) -> None:
+    def __init__(self, reactor: Any, dsn: str, size: int, application_name: str,
+                 journal: tuple[str, Callable[[str], bool]] | None = None) -> None:
+        """
+        @param journal: (schema, which channels are journaled) when the journal is on: their
+            messages then go through C{<schema>.relay}, in the same statement as the others.
+        """
         self._dsn = dsn
+        self._journal = journal
         self._settings = connect_kwargs(f"{application_name} notify")
         pool_class = type("_Pool", (ConnectionPool,), {
             "connectionFactory": _PoolConnection, "reactor": reactor, "min": size})
@@ -78,9 +84,34 @@ class NotifyPool:
         d: defer.Deferred[Any] = self._pool.runQuery("SELECT 1")
         return d
 
+    def run_query(self, sql: str, args: Any = None) -> defer.Deferred[list[tuple[Any, ...]]]:
+        d: defer.Deferred[list[tuple[Any, ...]]] = self._pool.runQuery(sql, args)
+        return d
+
+    def run_transaction(self, statements: list[str]) -> defer.Deferred[None]:
+        """The statements in one transaction, in order."""
+
+        async def run(cursor: Any) -> None:
+            for sql in statements:
+                await cursor.execute(sql)
+
+        def interaction(cursor: Any) -> defer.Deferred[None]:
+            return defer.Deferred.fromCoroutine(run(cursor))
+
+        d: defer.Deferred[None] = self._pool.runInteraction(interaction)
+        return d
+
     def notify(self, pairs: Sequence[Pair]) -> defer.Deferred[None]:
-        """One transaction that notifies every pair, in order."""
+        """One transaction that notifies (or journals) every pair, in order."""
         d: defer.Deferred[None]
+        if self._journal is not None:
+            schema, journaled = self._journal
+            flags = [journaled(channel) for channel, _ in pairs]
+            if any(flags):
+                d = self._pool.runOperation(
+                    f"SELECT {schema}.relay(%s::text[], %s::text[], %s::boolean[])",
+                    ([c for c, _ in pairs], [p for _, p in pairs], flags))
+                return d
         if len(pairs) == 1:
             d = self._pool.runOperation("SELECT pg_notify(%s, %s)", pairs[0])
             return d

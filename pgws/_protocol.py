@@ -69,8 +69,9 @@ from twisted.logger import Logger
 from pgws._auth import Grant, Refusal
 from pgws._closing import CLOSE_POLICY, close_reason
 from pgws._credentials import accepted_subprotocol, locate
-from pgws._framewriter import FrameWriter, ReaderLag
+from pgws._framewriter import FrameWriter
 from pgws._handshake import check_origin, forget_handshake, refusal_response
+from pgws._journal import Resume
 from pgws._outbox import Outbox
 from pgws._redact import redact
 from pgws._session import Session
@@ -92,7 +93,9 @@ class RelayProtocol(WebSocketServerProtocol):
     factory: RelayFactory
     peer: str  # Autobahn sets it once connected, before any callback here
     session: Session | None = None
-    _granted: tuple[Grant, str | None] | None = None  # between the handshake and the open
+    # Between the handshake and the open: the grant, the requested channel, the journal resume.
+    _granted: tuple[Grant, str | None, Resume | None] | None = None
+    wants_positions = False  # journaled messages come with their positions (see pgws._journal)
     _writer: FrameWriter | None = None
     _reading = False  # in the registry's reader sets
     _gone = False  # the connection is lost (onClose ran), whether it ever opened or not
@@ -122,18 +125,22 @@ class RelayProtocol(WebSocketServerProtocol):
                 raise Refusal(503, "the database is unavailable; try again later")
             # The raw request URI: Autobahn's parsed path reads "//x" as a host name.
             channel, token = locate(self.http_request_uri, request.headers, request.protocols)
+            resume = factory.resume_of(self.http_request_uri, request.protocols)
             grant = await factory.authorizer.grant(channel, token)
         except Refusal as refusal:
             _log.info("refused WebSocket from {peer}: {status} {reason}", peer=self.peer,
                       status=refusal.status, reason=redact(refusal.reason))
             raise ConnectionDeny(refusal.status, refusal.reason) from None
-        self._granted = (grant, channel)
+        self._granted = (grant, channel, resume)
         if grant.can_read:
             # Join the channels now and answer 101 only once PostgreSQL has executed the LISTEN:
             # a client may rely on receiving whatever is notified after its socket opened.
             # write_frames() drops frames until the socket is open, so none precedes the 101.
             self._reading = True
+            self.wants_positions = factory.positions_for(request.protocols)
             for name in grant.channels:
+                if self.wants_positions and factory.journaled(name):
+                    factory.registry.hold(name, self)  # until the journal says where it stands
                 factory.registry.add(name, self)
             await factory.registry.ready(grant.channels)
             try:
@@ -160,13 +167,14 @@ class RelayProtocol(WebSocketServerProtocol):
         if self._gone:
             return  # the client left while its LISTEN was pending: Autobahn opens it anyway
         assert self._granted is not None
-        grant, requested = self._granted
+        grant, requested, resume = self._granted
         self._granted = None
         factory = self.factory
-        self._writer = FrameWriter(self.transport, ReaderLag(factory.config.max_pending_bytes,
-                                                             factory.reactor), self._too_slow)
+        self._writer = FrameWriter(self.transport, factory.reader_lag(), self._too_slow)
         factory.sockets.add(self)
         self.session = Session(self, grant, requested, factory.session_settings)
+        if self.wants_positions:
+            factory.open_journaled(self, grant, resume)
         _log.info("WebSocket from {peer} open: mode {mode}, channels {channels}", peer=self.peer,
                   mode=grant.mode, channels=",".join(grant.channels))
         forget_handshake(self)

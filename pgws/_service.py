@@ -15,16 +15,17 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgws._auth import Authorizer, TokenVerifier
-from pgws._channels import ChannelRegistry
+from pgws._channels import ChannelRegistry, ListenTarget
 from pgws._closing import CLOSE_GOING_AWAY
 from pgws._config import Config
 from pgws._factory import RelayFactory
 from pgws._fanout import Fanout
+from pgws._journal import Following, Journal, matcher
 from pgws._listener import ConnectionFactory, ListenConnection, Listener
 from pgws._notifypool import NotifyPool
 from pgws._outbox import Sender
 from pgws._postgres import describe_dsn, describe_error
-from pgws._reactor import default_reactor, fired, within
+from pgws._reactor import default_reactor, fire_and_log, fired, within
 from pgws._routing import ListenChannelRouting, PerChannelRouting, Routing
 from pgws._web import RelayResource
 
@@ -71,8 +72,16 @@ class Relay(service.Service):
             ListenChannelRouting(config.listen_channel) if config.listen_channel
             else PerChannelRouting()
         )
-        self.pool: Sender = pool or NotifyPool(reactor, self.db_uri, config.db_pool,
-                                               config.application_name)
+        journaled = matcher(config.journal_channels) if config.journal else None
+        notify_pool = NotifyPool(
+            reactor, self.db_uri, config.db_pool, config.application_name,
+            journal=(config.journal_schema, journaled) if journaled else None)
+        self.pool: Sender = pool or notify_pool
+        self.journal: Journal | None = None
+        if journaled is not None:
+            self.journal = Journal(reactor, notify_pool, config.journal_schema, journaled,
+                                   config.journal_max_payload, config.journal_retention_seconds,
+                                   config.journal_retention_count)
         self.listener = Listener(
             reactor,
             self.db_uri,
@@ -80,18 +89,24 @@ class Relay(service.Service):
             # postgres-websockets gives up after `retries`; pgws's own mode keeps trying.
             max_attempts=config.retries if config.listen_channel else 0,
             gave_up=self._gave_up,
-            recovered=lambda: self.factory.tell_gap(),
+            recovered=self._recovered,
             application_name=config.application_name,
             connection_factory=listen_connection,
         )
-        # database -> sockets: listener -> fan-out -> registry -> each socket's frame writer.
-        self.registry = ChannelRegistry(self.listener, self.routing)
+        # database -> sockets: listener -> fan-out -> registry -> each socket's frame writer;
+        # with the journal: listener (wake-ups) -> journal (rows) -> fan-out -> registry.
+        target: ListenTarget = self.listener
+        if self.journal is not None:
+            target = Following(self.listener, self.journal)
+        self.registry = ChannelRegistry(target, self.routing)
         self.fanout = Fanout(reactor, self.registry, self.routing,
                              # A turn writes at most 2x what one reader may have pending, under
                              # the 4x that cuts a reader off at once: a prompt reader is never
                              # taken for a slow one after a burst.
-                             slice_bytes=2 * config.max_pending_bytes)
+                             slice_bytes=2 * config.max_pending_bytes, journal=self.journal)
         self.listener.deliver_to(self.fanout)
+        if self.journal is not None:
+            self.journal.deliver_to(self.registry, self.fanout)
         verifier = TokenVerifier.from_config(config, reactor=reactor, clock=clock,
                                              https_policy=https_policy)
         # sockets -> database: protocol -> session -> outbox -> pool.
@@ -105,11 +120,27 @@ class Relay(service.Service):
             clock=clock,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
-            database_ready=lambda: self.listener.connected,
+            database_ready=self._database_ready,
+            journal=self.journal,
         )
         self._started: defer.Deferred[None] | None = None
         self._stopped: defer.Deferred[None] | None = None
         self.exit_status = 0
+
+    def _database_ready(self) -> bool:
+        return self.listener.connected and (self.journal is None or self.journal.migrated)
+
+    def _recovered(self) -> None:
+        """The LISTEN session is back after a loss."""
+        if self.journal is not None:
+            self.journal.recovered()  # journaled channels read what they missed
+        self.factory.tell_gap()  # plain ones cannot: they are told
+
+    def _journal_unusable(self, why: str) -> None:
+        _log.critical("The journal cannot be used: {why}", why=why)
+        self.exit_status = 1
+        if self._reactor.running:
+            self._reactor.stop()
 
     def _gave_up(self, why: str) -> None:
         """Start-up retries exhausted: exit non-zero so that a supervisor restarts pgws."""
@@ -146,6 +177,9 @@ class Relay(service.Service):
              defer.Deferred.fromCoroutine(self.pool.start())],
             consumeErrors=True,
         )
+        if self.journal is not None:
+            # In the background: it retries while the database is away (handshakes get 503).
+            fire_and_log(self.journal.start(self._journal_unusable), "journal start")
 
     def whenReady(self) -> defer.Deferred[None]:
         """Fires once the first connection attempts are over (for tests and start-up order)."""
@@ -169,6 +203,8 @@ class Relay(service.Service):
         outboxes = [s.outbox for s in sockets if s.outbox is not None]
         self.factory.close_all(CLOSE_GOING_AWAY, "server shutting down")
         self.listener.stop()
+        if self.journal is not None:
+            self.journal.stop()
         pending = defer.DeferredList([o.flushed() for o in outboxes], consumeErrors=True)
         pending.addTimeout(self.config.shutdown_timeout, self._reactor)
         try:

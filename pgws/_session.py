@@ -63,8 +63,17 @@ class SessionSettings:
     db_channel: Callable[[str], str]  # the routing: where a channel's messages are notified
     max_queued_messages: int
     leeway: float = 0  # jwt-leeway: a token is good until exp + leeway, here as at the handshake
+    # The largest envelope a database channel takes (a NOTIFY's, or the journal's).
+    payload_limit: Callable[[str], int] = lambda db_channel: NOTIFY_PAYLOAD_LIMIT
     audit_channel: str | None = None
     meta_channel: str | None = None
+
+
+def _too_big(size: int, limit: int) -> str:
+    if limit == NOTIFY_PAYLOAD_LIMIT:
+        return (f"message too big: its NOTIFY payload is {size} bytes, PostgreSQL's limit is "
+                f"{limit}")
+    return f"message too big: its journal payload is {size} bytes, journal-max-payload is {limit}"
 
 
 class Session:
@@ -142,15 +151,14 @@ class Session:
         pairs: list[tuple[str, str]] = []
         for channel in self.grant.channels:
             envelope = self._envelopes.encode(channel, text, now)
-            size = envelope_size(envelope)
-            if size > NOTIFY_PAYLOAD_LIMIT:
-                self._socket.close_with(CLOSE_TOO_BIG,
-                                        f"message too big: its NOTIFY payload is {size} bytes, "
-                                        f"PostgreSQL's limit is {NOTIFY_PAYLOAD_LIMIT}")
-                return
             pairs.append((settings.db_channel(channel), envelope))
             if audit is not None:
                 pairs.append((audit, envelope))
+        for db_channel, envelope in pairs:
+            size, limit = envelope_size(envelope), settings.payload_limit(db_channel)
+            if size > limit:
+                self._socket.close_with(CLOSE_TOO_BIG, _too_big(size, limit))
+                return
         self.outbox.put(pairs)
 
     def _meta_event(self, event: str) -> None:

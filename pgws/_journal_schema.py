@@ -1,0 +1,130 @@
+"""
+The journal's tables and functions in PostgreSQL, and their migration.
+
+pgws owns one schema (C{journal-schema}, default C{pgws}) and touches nothing else.  Migration
+runs at start-up, in one transaction under an advisory lock (several pgws processes may start at
+once), and is a no-op when the schema is already at this version; a schema of a newer version is
+refused.
+
+Ordering (why a head row, not a sequence): ids from a sequence are handed out at insert time but
+become visible at commit time, so they commit out of order and a reader polling C{id > last}
+skips rows.  Instead each channel has a head row in C{streams}; L{send} increments its counter
+under the row's lock, inside the producer's transaction.  A second producer of the same channel
+waits for that lock until the first commits or rolls back, so each channel's numbers are dense
+and in commit order: a reader that has seen N has seen everything up to N.  The cost: producers
+of one channel are serialised from their C{send} to their commit (keep those transactions short;
+other channels are not affected), and a long transaction holding a channel's head holds back
+delivery of that channel only.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["SCHEMA_VERSION", "JournalSchemaError", "migration", "quote_schema", "wake_channel"]
+
+SCHEMA_VERSION = 1
+
+# An arbitrary key for pg_advisory_xact_lock: one migration at a time per database.
+_MIGRATION_LOCK = 0x70677773  # "pgws"
+
+
+class JournalSchemaError(Exception):
+    """The journal schema cannot be used by this pgws: the text says why, in one line."""
+
+
+def quote_schema(name: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise JournalSchemaError(f"journal-schema {name!r} must be a lower-case SQL name "
+                                 "(letters, digits, _; at most 63)")
+    return name
+
+
+def wake_channel(schema: str) -> str:
+    """The NOTIFY channel of the journal's wake-ups: C{<seq>:<channel>}, never the payload."""
+    return f"{schema}.wake"
+
+
+def migration(schema: str, max_payload: int) -> list[str]:
+    """
+    The statements that bring the schema to L{SCHEMA_VERSION} and record the settings the
+    functions read; run them in one transaction.  The version check is in L{check_version}'s
+    statement, the first one.
+    """
+    s = quote_schema(schema)
+    wake = wake_channel(schema)
+    return [
+        f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})",
+        f"CREATE SCHEMA IF NOT EXISTS {s}",
+        f"CREATE TABLE IF NOT EXISTS {s}.version (one boolean PRIMARY KEY DEFAULT true "
+        f"CHECK (one), version integer NOT NULL)",
+        # Refuse a newer schema before touching anything in it.
+        f"""DO $$ BEGIN
+              IF (SELECT max(version) FROM {s}.version) > {SCHEMA_VERSION} THEN
+                RAISE EXCEPTION 'pgws: the journal schema "{s}" is at version %; this pgws knows '
+                  'versions up to {SCHEMA_VERSION}: upgrade pgws', (SELECT max(version) FROM {s}.version)
+                  USING ERRCODE = 'feature_not_supported';
+              END IF;
+            END $$""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.settings (
+              one boolean PRIMARY KEY DEFAULT true CHECK (one),
+              max_payload integer NOT NULL,
+              wake_channel text NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.streams (
+              channel text PRIMARY KEY,
+              epoch text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text),
+              head bigint NOT NULL DEFAULT 0)""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.messages (
+              channel text NOT NULL,
+              seq bigint NOT NULL,
+              payload text NOT NULL,
+              created_at timestamptz NOT NULL DEFAULT now(),
+              PRIMARY KEY (channel, seq))""",
+        f"CREATE INDEX IF NOT EXISTS messages_created_at ON {s}.messages (created_at)",
+        f"""CREATE OR REPLACE FUNCTION {s}.send(channel text, payload text) RETURNS bigint
+            LANGUAGE plpgsql AS $$
+            DECLARE
+              n bigint;
+              settings {s}.settings;
+            BEGIN
+              SELECT * INTO settings FROM {s}.settings;
+              IF channel IS NULL OR channel = '' OR octet_length(channel) > 63 THEN
+                RAISE EXCEPTION 'pgws.send: the channel must be 1 to 63 bytes'
+                  USING ERRCODE = 'invalid_parameter_value';
+              END IF;
+              IF payload IS NULL THEN
+                RAISE EXCEPTION 'pgws.send: the payload is NULL'
+                  USING ERRCODE = 'null_value_not_allowed';
+              END IF;
+              IF octet_length(payload) > settings.max_payload THEN
+                RAISE EXCEPTION 'pgws.send: the payload is % bytes; journal-max-payload is %',
+                  octet_length(payload), settings.max_payload
+                  USING ERRCODE = 'program_limit_exceeded';
+              END IF;
+              -- The head row's lock orders this channel's producers by commit (see above).
+              INSERT INTO {s}.streams AS st (channel, head) VALUES (send.channel, 1)
+                ON CONFLICT ON CONSTRAINT streams_pkey DO UPDATE SET head = st.head + 1
+                RETURNING st.head INTO n;
+              INSERT INTO {s}.messages (channel, seq, payload) VALUES (send.channel, n, payload);
+              PERFORM pg_notify(settings.wake_channel, n || ':' || send.channel);
+              RETURN n;
+            END $$""",
+        # Client messages: journaled and plain ones in one statement, in the socket's order.
+        f"""CREATE OR REPLACE FUNCTION {s}.relay(channels text[], payloads text[],
+                                                 journaled boolean[]) RETURNS void
+            LANGUAGE plpgsql AS $$
+            BEGIN
+              FOR i IN 1 .. coalesce(array_length(channels, 1), 0) LOOP
+                IF journaled[i] THEN
+                  PERFORM {s}.send(channels[i], payloads[i]);
+                ELSE
+                  PERFORM pg_notify(channels[i], payloads[i]);
+                END IF;
+              END LOOP;
+            END $$""",
+        f"INSERT INTO {s}.settings (max_payload, wake_channel) VALUES ({int(max_payload)}, "
+        f"'{wake}') ON CONFLICT (one) DO UPDATE SET max_payload = excluded.max_payload, "
+        f"wake_channel = excluded.wake_channel",
+        f"INSERT INTO {s}.version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT (one) DO "
+        f"UPDATE SET version = excluded.version WHERE {s}.version.version < excluded.version",
+    ]
