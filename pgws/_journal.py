@@ -99,7 +99,7 @@ def parse_resume(uri: str) -> Resume | None:
     _, _, query = uri.partition("?")
     if "resume=" not in query and "history=" not in query:
         return None
-    params = parse_qs(query)
+    params = parse_qs(query, keep_blank_values=True)
     positions: dict[str, tuple[int, str]] = {}
     if "resume" in params:
         try:

@@ -33,6 +33,8 @@ class Listener:
 
 
 class Reader:
+    wants_positions = False
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.writes: list[bytes] = []

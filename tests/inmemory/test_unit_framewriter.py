@@ -410,6 +410,8 @@ class Listener:
 class SocketReader:
     """A socket as the registry sees it: write_frames goes to its FrameWriter."""
 
+    wants_positions = False
+
     def __init__(self, writer: FrameWriter) -> None:
         self.writer = writer
 
