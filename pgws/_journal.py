@@ -53,8 +53,10 @@ __all__ = ["Following", "Journal", "Resume", "matcher", "parse_resume"]
 
 _log = Logger()
 
-# Rows read per statement, live or replaying.
+# Rows read per statement, live or replaying, and about how many payload bytes (always at least
+# one row): payloads may be megabytes each.
 FETCH_ROWS = 1000
+FETCH_BYTES = 16 * 1024 * 1024
 # The journal reads no more while this many entries wait in the fan-out.
 FANOUT_ROOM = 5000
 # Retention: rows deleted per statement, and seconds between prunings.
@@ -291,17 +293,21 @@ class Journal:
                     stream.fetched = rows[-1][0]
                     stream.wanted = max(stream.wanted, stream.fetched)
                     self._backlog.received_rows(stream.channel, rows)
-                if len(rows) == FETCH_ROWS:
-                    stream.again = True
+                if len(rows) == FETCH_ROWS or sum(len(p) for _, p in rows) >= FETCH_BYTES // 2:
+                    stream.again = True  # there may be more
         finally:
             stream.reading = False
 
     def _rows(self, channel: str, after: int, upto: int | None = None,
               ) -> defer.Deferred[list[tuple[Any, ...]]]:
         bound = "" if upto is None else f" AND seq <= {int(upto)}"
+        # The running total stops at about FETCH_BYTES; octet_length reads a stored value's size
+        # without detoasting it, and rows past the total are never sent.
         return self._db.run_query(
-            f"SELECT seq, payload FROM {self.schema}.messages WHERE channel = %s AND seq > %s"
-            f"{bound} ORDER BY seq LIMIT {FETCH_ROWS}", (channel, after))
+            f"SELECT seq, payload FROM (SELECT seq, payload, sum(octet_length(payload)) OVER "
+            f"(ORDER BY seq) - octet_length(payload) AS before FROM {self.schema}.messages "
+            f"WHERE channel = %s AND seq > %s{bound} ORDER BY seq LIMIT {FETCH_ROWS}) AS t "
+            f"WHERE before < {FETCH_BYTES} ORDER BY seq", (channel, after))
 
     def deliver(self, channel: str, rows: list[tuple[int, str]]) -> int:
         """The fan-out writes a run of rows: to the registry, and C{written} moves on."""
