@@ -47,9 +47,9 @@ def wake_channel(schema: str) -> str:
 
 def migration(schema: str, max_payload: int) -> list[str]:
     """
-    The statements that bring the schema to L{SCHEMA_VERSION} and record the settings the
-    functions read; run them in one transaction.  The version check is in L{check_version}'s
-    statement, the first one.
+    The statements that bring the schema to L{SCHEMA_VERSION}, with the functions written for
+    this configuration; run them in one transaction.  A newer schema is refused before anything
+    in it is touched.
     """
     s = quote_schema(schema)
     wake = wake_channel(schema)
@@ -66,10 +66,6 @@ def migration(schema: str, max_payload: int) -> list[str]:
                   USING ERRCODE = 'feature_not_supported';
               END IF;
             END $$""",
-        f"""CREATE TABLE IF NOT EXISTS {s}.settings (
-              one boolean PRIMARY KEY DEFAULT true CHECK (one),
-              max_payload integer NOT NULL,
-              wake_channel text NOT NULL)""",
         f"""CREATE TABLE IF NOT EXISTS {s}.streams (
               channel text PRIMARY KEY,
               epoch text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text),
@@ -81,13 +77,13 @@ def migration(schema: str, max_payload: int) -> list[str]:
               created_at timestamptz NOT NULL DEFAULT now(),
               PRIMARY KEY (channel, seq))""",
         f"CREATE INDEX IF NOT EXISTS messages_created_at ON {s}.messages (created_at)",
+        # The limit and the wake-up channel are written into the function (it is replaced at
+        # every start, so a changed journal-max-payload takes effect): no lookup per message.
         f"""CREATE OR REPLACE FUNCTION {s}.send(channel text, payload text) RETURNS bigint
             LANGUAGE plpgsql AS $$
             DECLARE
               n bigint;
-              settings {s}.settings;
             BEGIN
-              SELECT * INTO settings FROM {s}.settings;
               IF channel IS NULL OR channel = '' OR octet_length(channel) > 63 THEN
                 RAISE EXCEPTION 'pgws.send: the channel must be 1 to 63 bytes'
                   USING ERRCODE = 'invalid_parameter_value';
@@ -96,9 +92,9 @@ def migration(schema: str, max_payload: int) -> list[str]:
                 RAISE EXCEPTION 'pgws.send: the payload is NULL'
                   USING ERRCODE = 'null_value_not_allowed';
               END IF;
-              IF octet_length(payload) > settings.max_payload THEN
+              IF octet_length(payload) > {int(max_payload)} THEN
                 RAISE EXCEPTION 'pgws.send: the payload is % bytes; journal-max-payload is %',
-                  octet_length(payload), settings.max_payload
+                  octet_length(payload), {int(max_payload)}
                   USING ERRCODE = 'program_limit_exceeded';
               END IF;
               -- The head row's lock orders this channel's producers by commit (see above).
@@ -106,7 +102,7 @@ def migration(schema: str, max_payload: int) -> list[str]:
                 ON CONFLICT ON CONSTRAINT streams_pkey DO UPDATE SET head = st.head + 1
                 RETURNING st.head INTO n;
               INSERT INTO {s}.messages (channel, seq, payload) VALUES (send.channel, n, payload);
-              PERFORM pg_notify(settings.wake_channel, n || ':' || send.channel);
+              PERFORM pg_notify('{wake}', n || ':' || send.channel);
               RETURN n;
             END $$""",
         # Client messages: journaled and plain ones in one statement, in the socket's order.
@@ -122,9 +118,6 @@ def migration(schema: str, max_payload: int) -> list[str]:
                 END IF;
               END LOOP;
             END $$""",
-        f"INSERT INTO {s}.settings (max_payload, wake_channel) VALUES ({int(max_payload)}, "
-        f"'{wake}') ON CONFLICT (one) DO UPDATE SET max_payload = excluded.max_payload, "
-        f"wake_channel = excluded.wake_channel",
         f"INSERT INTO {s}.version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT (one) DO "
         f"UPDATE SET version = excluded.version WHERE {s}.version.version < excluded.version",
     ]
