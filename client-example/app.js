@@ -390,6 +390,260 @@
 
   $('clear-audit').addEventListener('click', function () { auditList.textContent = ''; });
 
+  // ---------------------------------------------------------------- journal socket
+
+  // With "journal = true" pgws keeps messages in PostgreSQL. A socket that offers the "pgws"
+  // subprotocol gets pgws's own messages as binary frames (UTF-8 JSON):
+  //   at open, per journaled channel: {"event":"stream","channel":c,"epoch":e,"seq":n}
+  //     (with "recovered": true/false when it asked to resume);
+  //   before each journaled message: {"channel":c,"seq":n}, then the message's text frame.
+  // It resumes by opening /<channel>/<jwt>?resume=<JSON {"<channel>":[seq,"<epoch>"]}>.
+  var JOURNAL_SUBPROTOCOL = 'pgws';
+  var POSITIONS_KEY = 'pgws-example-journal-positions';
+
+  var jChannelInput = $('journal-channel');
+  var jConnectBtn = $('journal-connect');
+  var jForgetBtn = $('journal-forget');
+  var jStatus = $('journal-status');
+  var jPositionEl = $('journal-position');
+  var jStreamEl = $('journal-stream');
+  var jSendForm = $('journal-send-form');
+  var jMessageInput = $('journal-message');
+  var jSendNote = $('journal-send-note');
+  var jList = $('journal-messages');
+
+  var journal = null;     // current journal socket
+  var positions = loadPositions();   // channel -> {seq, epoch}: the last message shown
+
+  function loadPositions() {
+    try {
+      var obj = JSON.parse(localStorage.getItem(POSITIONS_KEY) || '{}');
+      return (obj && typeof obj === 'object' && !Array.isArray(obj)) ? obj : {};
+    } catch (e) {
+      return {};   // no storage (file://, privacy mode): positions last as long as the page
+    }
+  }
+
+  function savePositions() {
+    try { localStorage.setItem(POSITIONS_KEY, JSON.stringify(positions)); } catch (e) { /* ignore */ }
+  }
+
+  function storedPosition(channel) {
+    var p = Object.prototype.hasOwnProperty.call(positions, channel) ? positions[channel] : null;
+    return (p && typeof p.seq === 'number' && typeof p.epoch === 'string') ? p : null;
+  }
+
+  function shortEpoch(epoch) { return epoch.length > 12 ? epoch.slice(0, 8) + '…' : epoch; }
+
+  function jActive() {
+    return journal && (journal.readyState === WebSocket.CONNECTING ||
+      journal.readyState === WebSocket.OPEN);
+  }
+
+  function jUpdate() {
+    var pos = storedPosition(jChannelInput.value.trim());
+    jConnectBtn.textContent = jActive() ? 'Disconnect' : (pos ? 'Reconnect' : 'Connect');
+    jForgetBtn.disabled = !pos;
+    if (pos) {
+      var e = span('', shortEpoch(pos.epoch));
+      e.title = 'epoch ' + pos.epoch;
+      jPositionEl.textContent = 'Position: seq ' + pos.seq + ' of epoch ';
+      jPositionEl.appendChild(e);
+      jPositionEl.appendChild(document.createTextNode(
+        jActive() ? '' : ' (the next connect resumes after it)'));
+    } else {
+      jPositionEl.textContent = 'No stored position: the next connect starts with live messages.';
+    }
+  }
+
+  function setPosition(channel, seq, epoch) {
+    positions[channel] = { seq: seq, epoch: epoch };
+    savePositions();
+    if (channel === jChannelInput.value.trim()) jUpdate();
+  }
+
+  function journalConnect() {
+    journalDisconnect(true);
+    var channel = jChannelInput.value.trim();
+    if (!channel) {
+      setStatus(jStatus, 'closed', 'not connected: enter a channel');
+      jChannelInput.focus();
+      return;
+    }
+    var from = storedPosition(channel);
+    var url = wsUrl(channel, TOKENS.rw);
+    if (from) {
+      var resume = {};
+      resume[channel] = [from.seq, from.epoch];
+      url += '?resume=' + encodeURIComponent(JSON.stringify(resume));
+    }
+    var sock;
+    try {
+      sock = new WebSocket(url, [JOURNAL_SUBPROTOCOL]);
+    } catch (e) {
+      setStatus(jStatus, 'closed', 'not connected: ' + e.message);
+      return;
+    }
+    sock.binaryType = 'arraybuffer';
+    sock.channel = channel;
+    sock.resumedFrom = from;  // the position it asked to resume after, or null
+    sock.awayUpTo = 0;        // messages up to this seq were sent while it was away
+    sock.pending = null;      // the {"channel","seq"} frame announcing the next text frame
+    sock.epoch = '';          // the stream's epoch, from its stream frame
+    journal = sock;
+    var wasOpen = false;
+    setStatus(jStatus, 'connecting', from ? 'connecting, resuming after seq ' + from.seq + '…'
+      : 'connecting…');
+    jStreamEl.textContent = 'No stream frame yet.';
+    jUpdate();
+
+    sock.onopen = function () {
+      if (journal !== sock) return;
+      wasOpen = true;
+      var proto = sock.protocol ? ', subprotocol ' + sock.protocol : ', no subprotocol';
+      setStatus(jStatus, 'open', 'open: channel "' + channel + '", mode rw' + proto);
+      jStreamEl.textContent = 'Waiting for the stream frame (none comes if the server runs ' +
+        'without journal = true or the channel is not in journal-channels).';
+      jUpdate();
+    };
+    sock.onmessage = function (ev) {
+      if (journal !== sock) return;
+      if (typeof ev.data === 'string') {
+        var announced = sock.pending;
+        sock.pending = null;
+        journalEntry(sock, ev.data, announced);
+      } else {
+        journalControl(sock, ev.data);
+      }
+    };
+    sock.onclose = function (ev) {
+      if (journal !== sock) return;
+      journal = null;
+      setStatus(jStatus, 'closed', closeText(ev, wasOpen, sock.closedByUser));
+      jUpdate();
+    };
+    sock.onerror = function () {};
+  }
+
+  function journalDisconnect(silent) {
+    if (!journal) return;
+    var sock = journal;
+    sock.closedByUser = true;
+    if (silent) journal = null;
+    try { sock.close(1000, 'client disconnected'); } catch (e) { /* ignore */ }
+    if (silent) jUpdate();
+  }
+
+  // A binary frame: pgws's own message, JSON in UTF-8.
+  function journalControl(sock, data) {
+    var obj = null;
+    try { obj = JSON.parse(new TextDecoder().decode(data)); } catch (e) { /* not JSON */ }
+    if (!obj || typeof obj !== 'object') return;
+    if (obj.event === 'stream') {
+      streamFrame(sock, obj);
+    } else if (obj.event === 'gap') {
+      var li = entryFor('notifications sent while pgws\'s LISTEN session was down were lost ' +
+        '(journaled messages are not affected)');
+      li.querySelector('.meta').insertBefore(span('tag problem', 'gap'), li.querySelector('.meta').firstChild);
+      append(jList, li);
+    } else if (typeof obj.seq === 'number' && typeof obj.channel === 'string') {
+      sock.pending = obj;
+    }
+  }
+
+  function streamFrame(sock, obj) {
+    var channel = String(obj.channel);
+    var epoch = String(obj.epoch);
+    var seq = Number(obj.seq);
+    var from = sock.resumedFrom;
+    sock.epoch = epoch;
+    jStreamEl.dataset.recovered = obj.recovered === undefined ? '' : String(obj.recovered);
+    var epochSpan = span('', shortEpoch(epoch));
+    epochSpan.title = 'epoch ' + epoch;
+    var parts;
+    if (obj.recovered === true && from) {
+      var away = seq - from.seq;
+      sock.awayUpTo = seq;
+      setPosition(channel, from.seq, epoch);
+      parts = ['Resumed after seq ' + from.seq + ': ', span('recovered ok', 'recovered: true'),
+        away === 0 ? '. Nothing was sent while away; live messages follow seq ' + seq
+          : '. ' + away + (away === 1 ? ' message was' : ' messages were') + ' sent while ' +
+            'away: they come first, then live ones after seq ' + seq];
+    } else if (obj.recovered === false) {
+      setPosition(channel, seq, epoch);
+      parts = ['Asked to resume after seq ' + (from ? from.seq : '?') +
+        (from && from.epoch !== epoch ? ' of another epoch' : '') + ': ',
+        span('recovered bad', 'recovered: false'),
+        '. pgws no longer has what was sent meanwhile (the journal was recreated, or retention ' +
+        'pruned it), so nothing is replayed; live messages follow seq ' + seq];
+    } else {
+      setPosition(channel, seq, epoch);
+      parts = ['Fresh start (no resume asked): live messages follow seq ' + seq];
+    }
+    parts.push(' (epoch ', epochSpan, ').');
+    jStreamEl.textContent = '';
+    parts.forEach(function (part) {
+      jStreamEl.appendChild(typeof part === 'string' ? document.createTextNode(part) : part);
+    });
+  }
+
+  // A text frame: a message, announced by a {"channel","seq"} frame if it is journaled.
+  function journalEntry(sock, text, announced) {
+    var li = entryFor(text);
+    var meta = li.querySelector('.meta');
+    var tags = [];
+    if (announced) {
+      var channel = announced.channel;
+      var seq = announced.seq;
+      var pos = storedPosition(channel);
+      li.dataset.seq = String(seq);
+      tags.push(span('tag seq', 'seq ' + seq));
+      if (seq <= sock.awayUpTo) tags.push(span('tag away', 'sent while away'));
+      if (pos && seq !== pos.seq + 1) {
+        tags.push(span('tag problem', seq <= pos.seq ? 'repeated' : 'skipped ' + (pos.seq + 1) +
+          (seq - 1 > pos.seq + 1 ? '–' + (seq - 1) : '')));
+      }
+      setPosition(channel, seq, sock.epoch || (pos ? pos.epoch : ''));
+    } else {
+      tags.push(span('tag', 'not journaled'));
+    }
+    for (var i = tags.length - 1; i >= 0; i--) meta.insertBefore(tags[i], meta.firstChild);
+    append(jList, li);
+  }
+
+  jConnectBtn.addEventListener('click', function () {
+    if (jActive()) journalDisconnect(false);
+    else journalConnect();
+  });
+
+  jChannelInput.addEventListener('input', function () { if (!jActive()) jUpdate(); });
+  jChannelInput.addEventListener('keydown', function (ev) {
+    if (ev.key === 'Enter' && !ev.isComposing) { ev.preventDefault(); journalConnect(); }
+  });
+
+  jForgetBtn.addEventListener('click', function () {
+    delete positions[jChannelInput.value.trim()];
+    savePositions();
+    jUpdate();
+  });
+
+  jSendForm.addEventListener('submit', function (ev) {
+    ev.preventDefault();
+    var text = jMessageInput.value;
+    if (!text) return;
+    if (!journal || journal.readyState !== WebSocket.OPEN) {
+      jSendNote.textContent = 'Not connected: while away, send from the chat pane (channel "' +
+        (jChannelInput.value.trim() || 'journal') + '") or with SQL pgws.send(…).';
+      return;
+    }
+    journal.send(text);
+    jMessageInput.value = '';
+    jSendNote.textContent = 'Sent ' + text.length + ' characters at ' + clock(new Date()) +
+      '; pgws journals it and it comes back with its seq.';
+  });
+
+  $('clear-journal').addEventListener('click', function () { jList.textContent = ''; });
+
   // ---------------------------------------------------------------- start
 
   // ?channel=... presets the chat channel.
@@ -407,10 +661,12 @@
   updateButton();
   auditUpdateButton();
   auditConnect();
+  jUpdate();
 
   window.addEventListener('pagehide', function () {
     // Browsers only allow close codes 1000 and 3000-4999 from a page.
     if (ws) { try { ws.close(1000, 'page closed'); } catch (e) { /* ignore */ } }
     if (audit) { try { audit.close(1000, 'page closed'); } catch (e) { /* ignore */ } }
+    if (journal) { try { journal.close(1000, 'page closed'); } catch (e) { /* ignore */ } }
   });
 }());

@@ -1,7 +1,8 @@
 """
 The example page (client-example/) in a real headless Chromium, served by pgws itself: two pages
-chat through PostgreSQL, the audit pane shows the copy, and a NOTIFY from the database appears
-as raw text.
+chat through PostgreSQL, the audit pane shows the copy, a NOTIFY from the database appears as raw
+text, and (with the journal on) the journaled-channel pane resumes after a disconnect with what
+was sent meanwhile.
 
 The server runs on the Twisted reactor of the test process, so the browser (Playwright's sync
 API) runs in a worker thread (``deferToThread``); the thread calls back into the reactor only
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,26 @@ OPEN = re.compile(r"\bopen\b")  # app.js: the status says "open" exactly when th
 async def server(db_uri):
     assert (CLIENT_EXAMPLE / "index.html").is_file(), f"no example page in {CLIENT_EXAMPLE}"
     s = await start_server(db_uri, server_root=str(CLIENT_EXAMPLE), audit_channel="audit")
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+def journal_schema(db_uri):
+    """A journal schema of the test's own, dropped afterwards."""
+    schema = f"pgws_browser_{uuid.uuid4().hex[:12]}"
+    yield schema
+    db = Db(db_uri)
+    try:
+        db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        db.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def journal_server(db_uri, journal_schema):
+    s = await start_server(db_uri, server_root=str(CLIENT_EXAMPLE), audit_channel="audit",
+                           journal="true", journal_schema=journal_schema)
     yield s
     await s.stop()
 
@@ -202,5 +224,94 @@ async def test_database_notify_shows_as_raw_text(server, db_uri):
         expect(got.locator(".tag.rawtag")).to_have_text("raw")
         watch.check()
         page.close()
+
+    await in_browser(session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_journal_pane_resumes_with_what_was_sent_while_away(journal_server, journal_schema,
+                                                                   db_uri):
+    server, schema = journal_server, journal_schema
+    channel = "journal-browser"
+    first = "before going away"
+    from_chat = ["while away 1: from the chat pane", "while away 2: ünïcødé ✓ <b>x</b>"]
+    from_sql = ["while away 3: from SQL", 'while away 4: "not JSON" {']
+    live = "after coming back"
+
+    def session(browser: Any) -> None:
+        from playwright.sync_api import expect
+
+        context_a, context_b = browser.new_context(), browser.new_context()
+        a, b = context_a.new_page(), context_b.new_page()
+        watch_a = PageWatch(a)
+        a.set_default_timeout(UI_TIMEOUT_MS)
+        a.goto(f"http://127.0.0.1:{server.port}/")
+        expect(a.locator("#audit-status")).to_have_text(OPEN, timeout=UI_TIMEOUT_MS)
+        a.fill("#journal-channel", channel)
+        expect(a.locator("#journal-connect")).to_have_text("Connect")
+        a.click("#journal-connect")
+        expect(a.locator("#journal-status")).to_have_text(OPEN, timeout=UI_TIMEOUT_MS)
+        expect(a.locator("#journal-status")).to_contain_text("subprotocol pgws")
+        expect(a.locator("#journal-stream")).to_contain_text("Fresh start", timeout=UI_TIMEOUT_MS)
+        expect(a.locator("#journal-connect")).to_have_text("Disconnect")
+
+        # A live journaled message: the pane's own (rw) message comes back with its seq.
+        a.fill("#journal-message", first)
+        a.click("#journal-send")
+        got = entries(a, "journal-messages", first)
+        expect(got).to_have_count(1, timeout=UI_TIMEOUT_MS)
+        expect(got.locator(".tag.seq")).to_have_text("seq 1", timeout=UI_TIMEOUT_MS)
+
+        a.click("#journal-connect")  # disconnect
+        closed = re.compile(r"^closed")
+        expect(a.locator("#journal-status")).to_have_text(closed, timeout=UI_TIMEOUT_MS)
+        expect(a.locator("#journal-connect")).to_have_text("Reconnect")
+        expect(a.locator("#journal-position")).to_contain_text("seq 1 ")
+
+        # Meanwhile: two messages from the other page's chat pane, two from SQL.  Each is waited
+        # for on page B (a plain reader of the channel), so their order is known and all of
+        # them are in the journal before page A comes back.
+        watch_b = open_chat(b, server.port, channel)
+        for text in from_chat:
+            b.fill("#message", text)
+            b.click("#send")
+            expect(entries(b, "messages", text)).to_have_count(1, timeout=UI_TIMEOUT_MS)
+        db = Db(db_uri)
+        try:
+            for text in from_sql:
+                db.execute(f"SELECT {schema}.send(%s, %s)", (channel, text))
+            for text in from_sql:
+                expect(entries(b, "messages", text)).to_have_count(1, timeout=UI_TIMEOUT_MS)
+
+            a.click("#journal-connect")  # reconnect: resumes after seq 1
+            expect(a.locator("#journal-status")).to_have_text(OPEN, timeout=UI_TIMEOUT_MS)
+            stream = a.locator("#journal-stream")
+            expect(stream).to_contain_text("recovered: true", timeout=UI_TIMEOUT_MS)
+            expect(stream).to_have_attribute("data-recovered", "true")
+            expect(stream).to_contain_text("Resumed after seq 1")
+
+            # Every message sent while away, in order, each once, then live ones go on.
+            db.execute(f"SELECT {schema}.send(%s, %s)", (channel, live))
+        finally:
+            db.close()
+        away = from_chat + from_sql
+        expect(a.locator("#journal-messages li .payload")).to_have_text([first, *away, live],
+                                                                        timeout=UI_TIMEOUT_MS)
+        expect(a.locator("#journal-messages li .tag.seq")).to_have_text(
+            [f"seq {n}" for n in range(1, len(away) + 3)])
+        for text in away:
+            expect(entries(a, "journal-messages", text).locator(".tag.away")).to_have_count(1)
+        for text in (first, live):
+            expect(entries(a, "journal-messages", text).locator(".tag.away")).to_have_count(0)
+        expect(a.locator("#journal-messages .tag.problem")).to_have_count(0)
+        expect(a.locator("#journal-position")).to_contain_text(f"seq {len(away) + 2} ")
+        assert a.locator("#journal-messages b").count() == 0
+        # The other panes work with the journal on: page B's audit pane got the chat copies.
+        for text in from_chat:
+            expect(entries(b, "audit-messages", text)).to_have_count(1, timeout=UI_TIMEOUT_MS)
+        watch_a.check()
+        watch_b.check()
+        context_a.close()
+        context_b.close()
 
     await in_browser(session)
