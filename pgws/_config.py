@@ -134,49 +134,58 @@ for _s in SETTINGS:
 _SUBST = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-@dataclass(frozen=True, kw_only=True)
+def _default(attr: str) -> Any:
+    """A Config field's default: its setting's, from the one table of them."""
+    return next(s.default for s in SETTINGS if s.attr == attr)
+
+
+def _default_patterns(attr: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in str(_default(attr)).split(","))
+
+
+@dataclass(frozen=True)
 class Config:
     """
-    Validated settings: one field per entry of L{SETTINGS} (whose defaults are the only ones),
+    Validated settings: one field per entry of L{SETTINGS} (the defaults are SETTINGS' own),
     plus what is derived from them.  Secrets are kept out of C{repr} so that a logged config
     never leaks them.
     """
 
     db_uri: str = field(repr=False)
     jwt_secret: bytes | None = field(repr=False)
-    jwt_secret_file: str | None  # where jwt-secret was read from ("@path"), to re-read it
-    application_name: str
-    db_pool: int
-    server_host: str
-    server_port: int
-    reuse_port: bool
-    server_root: str | None
-    audit_channel: str | None
-    jwt_jwks_url: str | None
-    jwt_aud: str | None
-    jwt_iss: str | None
-    jwt_leeway: int
-    secret_is_base64: bool
-    embedded_data_dir: str | None
-    embedded_port: int
-    listen_channel: str | None
-    meta_channel: str | None
-    retries: int
-    check_listener_interval: int
-    max_connections: int
-    max_channels: int
-    max_pending_bytes: int
-    max_queued_messages: int
-    allowed_origins: tuple[str, ...]
-    shutdown_timeout: int
-    certificate_file: str | None
-    key_file: str | None
-    journal: bool
-    journal_schema: str
-    journal_channels: tuple[str, ...]
-    journal_max_payload: int
-    journal_retention_seconds: int
-    journal_retention_count: int
+    jwt_secret_file: str | None = None  # where jwt-secret was read from ("@path"), to re-read it
+    application_name: str = _default("application_name")
+    db_pool: int = _default("db_pool")
+    server_host: str = _default("server_host")
+    server_port: int = _default("server_port")
+    reuse_port: bool = _default("reuse_port")
+    server_root: str | None = _default("server_root")
+    audit_channel: str | None = _default("audit_channel")
+    jwt_jwks_url: str | None = _default("jwt_jwks_url")
+    jwt_aud: str | None = _default("jwt_aud")
+    jwt_iss: str | None = _default("jwt_iss")
+    jwt_leeway: int = _default("jwt_leeway")
+    secret_is_base64: bool = _default("secret_is_base64")
+    embedded_data_dir: str | None = _default("embedded_data_dir")
+    embedded_port: int = _default("embedded_port")
+    listen_channel: str | None = _default("listen_channel")
+    meta_channel: str | None = _default("meta_channel")
+    retries: int = _default("retries")
+    check_listener_interval: int = _default("check_listener_interval")
+    max_connections: int = _default("max_connections")
+    max_channels: int = _default("max_channels")
+    max_pending_bytes: int = _default("max_pending_bytes")
+    max_queued_messages: int = _default("max_queued_messages")
+    allowed_origins: tuple[str, ...] = _default_patterns("allowed_origins")
+    shutdown_timeout: int = _default("shutdown_timeout")
+    certificate_file: str | None = _default("certificate_file")
+    key_file: str | None = _default("key_file")
+    journal: bool = _default("journal")
+    journal_schema: str = _default("journal_schema")
+    journal_channels: tuple[str, ...] = _default_patterns("journal_channels")
+    journal_max_payload: int = _default("journal_max_payload")
+    journal_retention_seconds: int = _default("journal_retention_seconds")
+    journal_retention_count: int = _default("journal_retention_count")
 
     @property
     def embedded(self) -> bool:

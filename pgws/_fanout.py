@@ -16,11 +16,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from pgws._listener import Notification, Reading
 from pgws._routing import PerChannelRouting, Routing
 
 __all__ = ["Fanout", "Readers"]
+
+_log = Logger()
 
 # Work through at most this many deliveries (notification x reader) per reactor turn.
 DELIVERIES_PER_SLICE = 20_000
@@ -113,13 +116,18 @@ class Fanout:
         budget, byte_budget = DELIVERIES_PER_SLICE, self._slice_bytes
         backlog, deliver = self._backlog, self._deliver
         while backlog and budget > 0 and byte_budget > 0:
-            if backlog[0][2]:
-                channel, rows, size = self._take_rows()
-                assert self._deliver_rows is not None
-                readers, count = self._deliver_rows(channel, rows), len(rows)
-            else:
-                channel, run, size = self._take_run()
-                readers, count = deliver(channel, run), len(run)
+            try:
+                if backlog[0][2]:
+                    channel, rows, size = self._take_rows()
+                    assert self._deliver_rows is not None
+                    readers, count = self._deliver_rows(channel, rows), len(rows)
+                else:
+                    channel, run, size = self._take_run()
+                    readers, count = deliver(channel, run), len(run)
+            except Exception:
+                # A bug met by one run must not stop the fan-out for everyone after it.
+                _log.failure("fan-out of a run of notifications failed")
+                continue
             budget -= count * (1 + readers)
             byte_budget -= readers * (size + FRAME_OVERHEAD * count)
         if backlog:
@@ -140,7 +148,7 @@ class Fanout:
         channel, payload, _ = backlog.popleft()
         run, size = [payload], len(payload)
         while (backlog and backlog[0][0] == channel and not backlog[0][2] and len(run) < MAX_RUN
-               and size < self._run_bytes):
+               and size + len(backlog[0][1]) <= self._run_bytes):
             payload = backlog.popleft()[1]
             run.append(payload)
             size += len(payload)
@@ -152,7 +160,7 @@ class Fanout:
         channel, payload, seq = backlog.popleft()
         rows, size = [(seq, payload)], len(payload)
         while (backlog and backlog[0][0] == channel and backlog[0][2] and len(rows) < MAX_RUN
-               and size < self._run_bytes):
+               and size + len(backlog[0][1]) <= self._run_bytes):
             _, payload, seq = backlog.popleft()
             rows.append((seq, payload))
             size += len(payload)

@@ -34,6 +34,11 @@ SLOW_READER_HARD_FACTOR = 4
 SEND_LIMIT = 4 * 1024 * 1024
 
 
+# The largest frame any reader may be sent without the journal: a NOTIFY payload (under 8000
+# bytes) and its header.
+LARGEST_NOTIFY_FRAME = 8 * 1024
+
+
 class ReaderLag:
     """
     When a reader over C{max_pending} bytes is too slow.  Twisted only flushes between reactor
@@ -42,12 +47,15 @@ class ReaderLag:
     when more than L{SLOW_READER_HARD_FACTOR} times over it.
     """
 
+    __slots__ = ("max_pending", "_hard", "_clock", "_behind_since", "_flushed_mark")
+
     def __init__(self, max_pending: int, clock: IReactorTime, largest_frame: int = 0) -> None:
         """
         @param largest_frame: the largest single message the reader may be sent (a journaled
             one may be megabytes): the cut-off at once is never below what it needs.
         """
         self.max_pending = max_pending
+        largest_frame = max(largest_frame, LARGEST_NOTIFY_FRAME)
         self._hard = max(max_pending * SLOW_READER_HARD_FACTOR, max_pending + largest_frame)
         self._clock = clock
         self._behind_since: float | None = None  # when the reader last went over max_pending
@@ -98,13 +106,16 @@ class FrameWriter:
     verdict) when the reader falls too far behind; the caller closes the socket.
     """
 
+    __slots__ = ("_transport", "_buffer", "_lag", "_too_slow", "_written", "_socket")
+
     def __init__(self, transport: Any, lag: ReaderLag, too_slow: Callable[[int], None]) -> None:
         self._transport = transport
         self._lag = lag
         self._too_slow = too_slow
         self._written = 0  # bytes of frames written to the transport, ever
         self._socket: Any = None  # the socket, when frames may be sent on it directly
-        below = _buffer_below(transport)
+        # Under TLS the encrypted bytes wait in the TCP transport below the wrapper.
+        self._buffer = below = _buffer_below(transport)
         if below is not None:
             below.SEND_LIMIT = SEND_LIMIT
         # Plain TCP only: under TLS every byte must go through the TLS layer (a wrapper that
@@ -114,15 +125,14 @@ class FrameWriter:
 
     def pending(self) -> int:
         """
-        Bytes the transport holds that the kernel has not taken yet.  Under TLS the wrapper
-        forwards these attribute reads to the TCP transport below it, which holds the encrypted
-        bytes.  A transport without Twisted's buffer (an in-memory one) holds nothing.
+        Bytes the transport holds that the kernel has not taken yet (under TLS: the encrypted
+        bytes in the TCP transport).  A transport without Twisted's buffer (an in-memory one)
+        holds nothing.
         """
-        transport = self._transport
-        try:
-            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
-        except AttributeError:
+        buffer = self._buffer
+        if buffer is None:
             return 0
+        return len(buffer.dataBuffer) - buffer.offset + buffer._tempDataLen
 
     def write(self, frames: bytes) -> None:
         self._written += len(frames)

@@ -190,6 +190,8 @@ class Listener:
         Connect and LISTEN to every wanted channel.  Returns after the first attempt, whatever
         its outcome: later attempts go on in the background (see L{connected}).
         """
+        if self._stopped():
+            return
         _log.info("Connecting the LISTEN session to {where}", where=describe_dsn(self._dsn))
         if self._check_interval > 0:
             self._heartbeat = LoopingCall(self._check)
@@ -264,6 +266,8 @@ class Listener:
                 # The next attempt gets a fresh connection: this one may still be connecting.
                 self._conn = self._fresh_connection()
                 self._close(conn)
+            if self.state is State.LISTENING:
+                self.state = State.CONNECTING  # not connected until the next attempt says so
             return describe_error(e)
         return "the session was lost while it was being set up"
 
@@ -292,8 +296,13 @@ class Listener:
             for channel in chunk:
                 self._track(channel, d)
             statements.append(d)
-        # They run in order on the one connection; each handles its own failure.
-        await defer.gatherResults(statements)
+        # They run in order on the one connection; each handles its own failure.  A session that
+        # takes the re-LISTEN and never answers is as lost as one that says no.
+        try:
+            await within(defer.gatherResults(statements), CONNECT_TIMEOUT, self._reactor)
+        except defer.TimeoutError as e:
+            self._lost(f"re-LISTEN: {e}")
+            return
         if not self.connected:
             return
         self.sessions += 1

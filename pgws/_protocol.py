@@ -127,10 +127,9 @@ class RelayProtocol(WebSocketServerProtocol):
             channel, token = locate(self.http_request_uri, request.headers, request.protocols)
             resume = factory.resume_of(self.http_request_uri, request.protocols)
             grant = await factory.authorizer.grant(channel, token)
+            self._still_wanted()
         except Refusal as refusal:
-            _log.info("refused WebSocket from {peer}: {status} {reason}", peer=self.peer,
-                      status=refusal.status, reason=redact(refusal.reason))
-            raise ConnectionDeny(refusal.status, refusal.reason) from None
+            raise self._refused(refusal) from None
         self._granted = (grant, channel, resume)
         if grant.can_read:
             # Join the channels now and answer 101 only once PostgreSQL has executed the LISTEN:
@@ -144,11 +143,22 @@ class RelayProtocol(WebSocketServerProtocol):
                 factory.registry.add(name, self)
             await factory.registry.ready(grant.channels)
             try:
-                factory.check_open()  # it may have begun to stop during the wait
+                self._still_wanted()
             except Refusal as refusal:
                 self._leave_channels()
-                raise ConnectionDeny(refusal.status, refusal.reason) from None
+                raise self._refused(refusal) from None
         return accepted_subprotocol(request.protocols)
+
+    def _still_wanted(self) -> None:
+        """After a wait: a refusal if the client left or the server began to stop meanwhile."""
+        if self._gone:
+            raise Refusal(400, "the client left during the handshake")
+        self.factory.check_open()
+
+    def _refused(self, refusal: Refusal) -> ConnectionDeny:
+        _log.info("refused WebSocket from {peer}: {status} {reason}", peer=self.peer,
+                  status=refusal.status, reason=redact(refusal.reason))
+        return ConnectionDeny(refusal.status, refusal.reason)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """A refusal with its reason in the body, kept to one line (it may quote user input)."""

@@ -51,7 +51,7 @@ class ListenChannelRouting:
         if payload[:1] == "{":
             try:
                 value = json.loads(payload)
-            except ValueError:
+            except (ValueError, RecursionError):  # [[[[... nested past the parser's depth
                 return db_channel
             if isinstance(value, dict):
                 channel = value.get("channel")

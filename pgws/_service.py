@@ -192,7 +192,7 @@ class Relay(service.Service):
         """
         super().stopService()
         self._stopped = defer.Deferred.fromCoroutine(self._stop())
-        return fired(self._stopped)
+        return self._stopped  # a failure reaches the caller; whenStopped() never fails
 
     def whenStopped(self) -> defer.Deferred[None]:
         """Fires once a stop is over (what clients sent is flushed): the database may go then."""

@@ -83,6 +83,10 @@ class Session:
     @param requested: the channel the opening request asked for (a refresh resolves the same).
     """
 
+    # One per open socket: no instance dict (idle sockets are counted in kilobytes).
+    __slots__ = ("_socket", "grant", "_requested", "_settings", "outbox", "_envelopes", "_expiry",
+                 "_ignored_reported")
+
     def __init__(self, socket: Socket, grant: Grant, requested: str | None,
                  settings: SessionSettings) -> None:
         self._socket = socket

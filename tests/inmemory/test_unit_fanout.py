@@ -89,12 +89,34 @@ def test_a_run_is_split_at_max_run_notifications():
     assert readers.runs[1][1][0] == str(MAX_RUN).encode()
 
 
-def test_a_run_is_split_once_it_reaches_max_run_bytes():
+def test_a_run_never_goes_past_max_run_bytes():
     fanout, readers, _, _ = make()
     fanout.received([("a", "x" * 1000)] * 100)
-    # 65 payloads are 65,000 bytes, under 64 KiB: the 66th is taken and ends the run.
+    # 65 payloads are 65,000 bytes, under 64 KiB: the 66th would go past it and starts the next.
     assert MAX_RUN_BYTES == 65536
-    assert [len(p) for _, p in readers.runs] == [66, 34]
+    assert [len(p) for _, p in readers.runs] == [65, 35]
+
+
+def test_one_payload_larger_than_max_run_bytes_is_a_run_of_its_own():
+    fanout, readers, _, _ = make()
+    fanout.received([("a", "s"), ("a", "x" * 70000), ("a", "t")])
+    assert [len(p) for _, p in readers.runs] == [1, 1, 1]
+
+
+def test_a_run_that_raises_is_logged_and_the_fan_out_goes_on():
+    fanout, readers, _, _ = make()
+    calls = []
+
+    def deliver(channel, payloads):
+        calls.append(payloads)
+        if payloads == [b"boom"]:
+            raise RuntimeError("a bug")
+        return 1
+
+    fanout._deliver = lambda c, p: deliver(c, [x.encode() for x in p])  # a bug in delivery
+    fanout.received([("a", "boom"), ("b", "next")])
+    fanout.received([("a", "later")])
+    assert calls == [[b"boom"], [b"next"], [b"later"]]
 
 
 def test_payloads_are_handed_over_as_utf8():
