@@ -74,16 +74,13 @@ class RelayFactory(WebSocketServerFactory):
             audit_channel=config.audit_channel, meta_channel=config.meta_channel,
             payload_limit=self._payload_limit,
         )
-        # A client message may be as large as what it is relayed through takes (the envelope's
-        # size is checked again, per channel); this bounds what is read before that check.
-        largest = max(MAX_MESSAGE_BYTES, config.journal_max_payload if journal else 0)
         self.setProtocolOptions(
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
-            maxFramePayloadSize=largest,
-            maxMessagePayloadSize=largest,
+            maxFramePayloadSize=MAX_MESSAGE_BYTES,
+            maxMessagePayloadSize=MAX_MESSAGE_BYTES,
             maxConnections=config.max_connections,
             # Send the close frame (1007, 1009 ...) before dropping, so clients see why.
             failByDrop=False,
@@ -99,6 +96,15 @@ class RelayFactory(WebSocketServerFactory):
         if self.journaled(db_channel):
             return self.config.journal_max_payload
         return NOTIFY_PAYLOAD_LIMIT
+
+    def message_limit(self, grant: Grant) -> int | None:
+        """
+        A writer to a journaled channel may send messages as large as the journal takes (the
+        envelope's size is checked again, per channel); None: Autobahn's 64 KiB bound stays.
+        """
+        if grant.can_write and any(self.journaled(c) for c in grant.channels):
+            return max(MAX_MESSAGE_BYTES, self.config.journal_max_payload)
+        return None
 
     def positions_for(self, protocols: list[str]) -> bool:
         """Positions go to readers that speak the pgws subprotocol, when the journal is on."""

@@ -131,6 +131,9 @@ class RelayProtocol(WebSocketServerProtocol):
         except Refusal as refusal:
             raise self._refused(refusal) from None
         self._granted = (grant, channel, resume)
+        limit = factory.message_limit(grant)
+        if limit is not None:
+            self.maxFramePayloadSize = self.maxMessagePayloadSize = limit
         if grant.can_read:
             # Join the channels now and answer 101 only once PostgreSQL has executed the LISTEN:
             # a client may rely on receiving whatever is notified after its socket opened.

@@ -160,6 +160,8 @@ class Relay(service.Service):
         """None when relaying works (LISTEN session up, a pool statement answers), else why not."""
         if not self.listener.connected:
             return "the LISTEN session is not connected"
+        if self.journal is not None and not self.journal.migrated:
+            return "the journal schema is not ready yet"
         try:
             await within(self.pool.check(), 2, self._reactor)
         except Exception as e:
