@@ -53,7 +53,7 @@ class Journaled(Protocol):
     wake_channel: str
 
     def woken(self, payloads: list[str]) -> None:
-        """Wake-ups (C{<seq>:<channel>}) arrived on L{wake_channel}."""
+        """Wake-ups (each the name of a channel with new rows) arrived on L{wake_channel}."""
 
     def deliver(self, channel: str, rows: list[tuple[int, str]]) -> int:
         """Write a run of one channel's journaled messages (seq, payload) to its readers."""

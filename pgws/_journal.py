@@ -5,11 +5,13 @@ last position, and payloads may be megabytes (the tables and their ordering are 
 L{pgws._journal_schema}).
 
 How messages flow:
-  - A producer calls C{<schema>.send(channel, payload)} in its transaction.  At commit PostgreSQL
-    delivers a short wake-up (C{<seq>:<channel>}) on C{<schema>.wake}, never the payload.
+  - A producer calls C{<schema>.send(channel, payload)} (or C{send(channel, payloads[])}) in its
+    transaction.  At commit PostgreSQL delivers a wake-up on C{<schema>.wake} whose payload is
+    the channel's name, never the message: one per channel per transaction (PostgreSQL folds
+    identical notifications of a transaction), however many messages it sent.
   - pgws keeps, for every journaled channel someone reads, a L{_Stream}: how far it has read the
     journal (C{fetched}) and how far the fan-out has written it to the live readers
-    (C{written}).  A wake-up past C{fetched} makes it read the rows after C{fetched}, in order,
+    (C{written}).  A wake-up makes it read the rows after C{fetched} until there are none, in order,
     and hand them to the fan-out, which writes them like notifications (with positions to
     readers that want them).  After a LISTEN reconnect every stream reads what it missed.
   - A reader that opens with a position is held (the live rows skip it), gets the rows after its
@@ -131,7 +133,6 @@ class _Stream:
     epoch: str = ""
     fetched: int = 0  # the last seq read from the journal (handed to the fan-out)
     written: int = 0  # the last seq the fan-out wrote to the live readers
-    wanted: int = 0  # the highest seq a wake-up announced
     reading: bool = False  # a read loop runs
     again: bool = False  # read once more after the current read (a reconnect happened)
     ready: defer.Deferred[None] = field(default_factory=defer.Deferred)
@@ -222,7 +223,7 @@ class Journal:
             stream.epoch, head = rows[0]
             stream.fetched = stream.written = max(stream.fetched, int(head))
             stream.ready.callback(None)
-            if stream.wanted > stream.fetched:
+            if stream.again:  # woken while its head was being read
                 self._read(stream)
             return
 
@@ -247,15 +248,14 @@ class Journal:
     # -- live: wake-ups, reading, writing ------------------------------------------------------------
 
     def woken(self, payloads: list[str]) -> None:
-        """Wake-ups from the LISTEN session: C{<seq>:<channel>}."""
+        """Wake-ups from the LISTEN session: each names a channel with new rows."""
         streams = self._streams
-        for payload in payloads:
-            seq, _, channel = payload.partition(":")
+        for channel in payloads:
             stream = streams.get(channel)
-            if stream is None or not seq.isdigit():
+            if stream is None:
                 continue
-            stream.wanted = max(stream.wanted, int(seq))
-            if stream.ready.called and stream.wanted > stream.fetched:
+            stream.again = True
+            if stream.ready.called:
                 self._read(stream)
 
     def recovered(self) -> None:
@@ -274,8 +274,7 @@ class Journal:
         assert self._backlog is not None
         delays = backoff_delays(first=0.25, cap=5.0)
         try:
-            while self._streams.get(stream.channel) is stream and (
-                    stream.again or stream.wanted > stream.fetched):
+            while self._streams.get(stream.channel) is stream and stream.again:
                 stream.again = False
                 while self._backlog.waiting() > FANOUT_ROOM:
                     await sleep(self._reactor, 0.01)
@@ -291,7 +290,6 @@ class Journal:
                     return
                 if rows:
                     stream.fetched = rows[-1][0]
-                    stream.wanted = max(stream.wanted, stream.fetched)
                     self._backlog.received_rows(stream.channel, rows)
                 if len(rows) == FETCH_ROWS or sum(len(p) for _, p in rows) >= FETCH_BYTES // 2:
                     stream.again = True  # there may be more

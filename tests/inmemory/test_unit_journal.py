@@ -164,9 +164,9 @@ def test_rows_and_notifications_keep_their_order_in_separate_runs():
     fanout = Fanout(MemoryReactorClock(), readers, journal=journal)
     fanout.received([("c", "n1")])
     fanout.received_rows("c", [(1, "r1"), (2, "r2")])
-    fanout.received([("c", "n2"), ("pgws.wake", "3:c")])
+    fanout.received([("c", "n2"), ("pgws.wake", "c")])
     assert readers.calls[0] == ("c", [b"n1"])
-    assert journal.calls == [("c", [(1, "r1"), (2, "r2")]), ("woken", ["3:c"])]
+    assert journal.calls == [("c", [(1, "r1"), (2, "r2")]), ("woken", ["c"])]
     assert readers.calls[1] == ("c", [b"n2"])
 
 
@@ -252,9 +252,9 @@ def test_a_wake_up_reads_the_rows_after_the_last_read_in_order():
     journal.watch("c")
     tables.send("c", "a")
     tables.send("c", "b")
-    journal.woken(["2:c"])
+    journal.woken(["c"])
     assert reader.written == [position_frames("c", [(1, "a"), (2, "b")])]
-    journal.woken(["1:c", "2:c"])  # old wake-ups read nothing again
+    journal.woken(["c", "c"])  # nothing new: nothing is written again
     assert len(reader.written) == 1
 
 
@@ -262,7 +262,7 @@ def test_wake_ups_of_channels_nobody_reads_are_ignored():
     tables = Tables()
     journal, *_ = journal_over(tables)
     tables.send("other", "x")
-    journal.woken(["1:other", "junk", ":c"])
+    journal.woken(["other", ""])
     assert not [q for q in tables.queries if q.startswith("SELECT seq")]
 
 
@@ -274,7 +274,7 @@ def test_a_full_read_reads_again():
     journal.watch("c")
     for i in range(FETCH_ROWS + 5):
         tables.send("c", str(i))
-    journal.woken([f"{FETCH_ROWS + 5}:c"])
+    journal.woken(["c"])
     clock.advance(0)
     got = b"".join(reader.written)
     assert got == b"".join(text_frame(str(i).encode()) for i in range(FETCH_ROWS + 5))
@@ -312,7 +312,7 @@ def test_resume_replays_after_the_position_then_live_without_gap_or_duplicate():
     # While the replay's statements wait, two more messages commit and are fanned out live.
     tables.send("c", "m6")
     tables.send("c", "m7")
-    journal.woken(["7:c"])
+    journal.woken(["c"])
     while tables.held:
         tables.release()
     assert done.called
@@ -323,7 +323,7 @@ def test_resume_replays_after_the_position_then_live_without_gap_or_duplicate():
     assert seqs == [3, 4, 5, 6, 7]
     tables.hold = False
     tables.send("c", "m8")
-    journal.woken(["8:c"])
+    journal.woken(["c"])
     seqs = [int(m) for m in re.findall(rb'"seq":(\d+)', b"".join(reader.written))]
     assert seqs == [3, 4, 5, 6, 7, 8]
 
@@ -376,5 +376,5 @@ def test_no_resume_is_live_from_the_head():
     controls, _ = open_reader(journal, registry, reader, None)
     assert controls == [{"event": "stream", "channel": "c", "epoch": "e1", "seq": 1}]
     tables.send("c", "after")
-    journal.woken(["2:c"])
+    journal.woken(["c"])
     assert reader.written == [position_frames("c", [(2, "after")])]
