@@ -85,6 +85,7 @@ class Fanout:
         self._deliver = _deliver_function(readers, routing or PerChannelRouting(), journal)
         self._deliver_rows = journal.deliver if journal is not None else None
         self._backlog: collections.deque[Entry] = collections.deque()
+        self._row_bytes = 0  # payload bytes of the journaled rows waiting
         self._draining = False
         self._paused = False
         self._reading: Reading | None = None
@@ -103,12 +104,16 @@ class Fanout:
     def received_rows(self, channel: str, rows: list[tuple[int, str]]) -> None:
         """Journaled messages of C{channel}, read from the journal, in order."""
         self._backlog.extend([(channel, payload, seq) for seq, payload in rows])
+        self._row_bytes += sum(len(payload) for _, payload in rows)
         if not self._draining:
             self._drain()
 
-    def waiting(self) -> int:
-        """Entries waiting to be fanned out (the journal reads no more while it is long)."""
-        return len(self._backlog)
+    def waiting(self) -> tuple[int, int]:
+        """
+        Entries waiting to be fanned out, and the payload bytes of the journaled ones among
+        them: the journal reads no more while either is large.
+        """
+        return len(self._backlog), self._row_bytes
 
     def _drain(self) -> None:
         """Fan out the backlog in slices of bounded work, yielding to the reactor between."""
@@ -164,6 +169,7 @@ class Fanout:
             _, payload, seq = backlog.popleft()
             rows.append((seq, payload))
             size += len(payload)
+        self._row_bytes -= size
         return channel, rows, size
 
 

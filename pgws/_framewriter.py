@@ -34,6 +34,8 @@ SLOW_READER_HARD_FACTOR = 4
 SEND_LIMIT = 4 * 1024 * 1024
 
 
+# How many of the largest frames may wait for a reader that is taking them.
+LARGE_FRAMES_WAITING = 4
 # The largest frame any reader may be sent without the journal: a NOTIFY payload (under 8000
 # bytes) and its header.
 LARGEST_NOTIFY_FRAME = 8 * 1024
@@ -56,7 +58,11 @@ class ReaderLag:
         """
         self.max_pending = max_pending
         largest_frame = max(largest_frame, LARGEST_NOTIFY_FRAME)
-        self._hard = max(max_pending * SLOW_READER_HARD_FACTOR, max_pending + largest_frame)
+        # Room for a few of the largest frames: the fan-out writes the next one a turn later,
+        # before a prompt reader has taken the last (a run of megabyte messages).  A reader that
+        # takes nothing is still cut off after the grace period.
+        self._hard = max(max_pending * SLOW_READER_HARD_FACTOR,
+                         max_pending + LARGE_FRAMES_WAITING * largest_frame)
         self._clock = clock
         self._behind_since: float | None = None  # when the reader last went over max_pending
         self._flushed_mark = 0  # what the kernel had taken then

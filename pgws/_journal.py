@@ -47,6 +47,7 @@ from twisted.logger import Logger
 
 from pgws._auth import Refusal
 from pgws._channels import ChannelRegistry, position_frames
+from pgws._closing import CLOSE_INTERNAL_ERROR
 from pgws._journal_schema import JournalSchemaError, migration, wake_channel
 from pgws._postgres import describe_error
 from pgws._reactor import backoff_delays, fire_and_log, fired, sleep
@@ -79,7 +80,8 @@ class Backlog(Protocol):
 
     def received_rows(self, channel: str, rows: list[tuple[int, str]]) -> None: ...
 
-    def waiting(self) -> int: ...
+    def waiting(self) -> tuple[int, int]:
+        """(entries, journaled payload bytes) waiting to be fanned out."""
 
 
 def matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -210,11 +212,7 @@ class Journal:
         while self._streams.get(stream.channel) is stream:
             try:
                 await self._migrated_or_now()
-                rows = await self._db.run_query(
-                    f"WITH made AS (INSERT INTO {self.schema}.streams (channel) VALUES (%s) "
-                    f"ON CONFLICT DO NOTHING RETURNING epoch, head) SELECT epoch, head FROM made "
-                    f"UNION ALL SELECT epoch, head FROM {self.schema}.streams WHERE channel = %s",
-                    (stream.channel, stream.channel))
+                rows = await self._head(stream.channel)
             except Exception as e:
                 _log.warn("Journal: cannot read the head of {channel}: {why}",
                           channel=stream.channel, why=describe_error(e))
@@ -226,6 +224,22 @@ class Journal:
             if stream.again:  # woken while its head was being read
                 self._read(stream)
             return
+
+    async def _head(self, channel: str) -> list[tuple[Any, ...]]:
+        """
+        (epoch, head) of a channel, its row made if there is none.  A plain read first: it never
+        waits for a producer that holds the head row's lock (an upsert would, with its pool
+        connection, and every other channel's readers behind it).
+        """
+        s = self.schema
+        rows = await self._db.run_query(
+            f"SELECT epoch, head FROM {s}.streams WHERE channel = %s", (channel,))
+        if rows:
+            return rows
+        return await self._db.run_query(
+            f"WITH made AS (INSERT INTO {s}.streams (channel) VALUES (%s) ON CONFLICT DO NOTHING "
+            f"RETURNING epoch, head) SELECT epoch, head FROM made UNION ALL "
+            f"SELECT epoch, head FROM {s}.streams WHERE channel = %s", (channel, channel))
 
     def _migrated_or_now(self) -> defer.Deferred[None]:
         return defer.succeed(None) if self.migrated else fired(self._migrated)
@@ -276,7 +290,7 @@ class Journal:
         try:
             while self._streams.get(stream.channel) is stream and stream.again:
                 stream.again = False
-                while self._backlog.waiting() > FANOUT_ROOM:
+                while self._no_room():
                     await sleep(self._reactor, 0.01)
                 try:
                     rows = await self._rows(stream.channel, stream.fetched)
@@ -295,6 +309,11 @@ class Journal:
                     stream.again = True  # there may be more
         finally:
             stream.reading = False
+
+    def _no_room(self) -> bool:
+        assert self._backlog is not None
+        entries, size = self._backlog.waiting()
+        return entries > FANOUT_ROOM or size > FETCH_BYTES
 
     def _rows(self, channel: str, after: int, upto: int | None = None,
               ) -> defer.Deferred[list[tuple[Any, ...]]]:
@@ -331,12 +350,25 @@ class Journal:
                 return
             info: dict[str, Any] = {"event": "stream", "channel": channel,
                                     "epoch": stream.epoch, "seq": stream.written}
-            after = await self._start_position(stream, resume, info)
+            try:
+                after = await self._start_position(stream, resume, info)
+            except Exception as e:
+                # Told, never a silent gap: the reader starts from here, knowing it.
+                _log.warn("Journal: resume of {channel} failed: {why}", channel=channel,
+                          why=describe_error(e))
+                info["recovered"], after = False, None
             if after is None:
                 info["seq"] = stream.written  # where live messages now follow
             send_control(info)
             if after is not None:
-                await self._replay(reader, stream, after)
+                try:
+                    await self._replay(reader, stream, after)
+                except Exception as e:
+                    # It was told "recovered": only a new resume can fill what is missing.
+                    _log.warn("Journal: replay of {channel} failed: {why}", channel=channel,
+                              why=describe_error(e))
+                    reader.close_with(CLOSE_INTERNAL_ERROR,
+                                      "journal replay failed; resume from your last position")
         finally:
             self._registry.release(channel, reader)
 

@@ -306,11 +306,6 @@ async def test_transactions_committing_out_of_order_reach_readers_in_commit_orde
         await server.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the first reader of a channel cannot open while a producer's transaction holds the "
-    "channel's head: Journal._begin reads the head with INSERT ... ON CONFLICT DO NOTHING on "
-    "<schema>.streams, which waits for the producer's row lock (the 101 waits for it; the "
-    "client's handshake times out), and it holds a NOTIFY pool connection meanwhile"))
 @pytest_twisted.ensureDeferred
 async def test_a_reader_opens_while_a_producer_holds_the_channels_head(db_uri, db: Db, schema):
     server = await journal_server(db_uri, schema)
@@ -340,12 +335,6 @@ async def test_a_reader_opens_while_a_producer_holds_the_channels_head(db_uri, d
         await server.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a producer's open transaction on one channel stops readers of OTHER journaled "
-    "channels from opening when the NOTIFY pool is small (db-pool = 1 here): Journal._begin's "
-    "INSERT ... ON CONFLICT DO NOTHING for the held channel waits for the head row lock on the "
-    "only pool connection, and every other channel's _begin queues behind it (the README says "
-    "other channels are not affected)"))
 @pytest_twisted.ensureDeferred
 async def test_a_producer_holding_one_channels_head_does_not_stop_readers_of_another(
         db_uri, db: Db, schema):
@@ -680,12 +669,6 @@ async def test_an_over_limit_payload_is_refused_in_the_producers_transaction(db_
         await server.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a few consecutive messages of journal-max-payload cut off a prompt reader (1006, "
-    "'reads too slowly'): ReaderLag allows max-pending-bytes plus ONE largest frame, but the "
-    "fan-out writes the next row one reactor turn later whatever the reader still has "
-    "pending (Fanout._drain / FrameWriter.write), so pending reaches max-pending + 2 or 3 "
-    "payloads at once"))
 @pytest_twisted.ensureDeferred
 async def test_consecutive_payloads_at_journal_max_payload_reach_a_prompt_reader(
         db_uri, db: Db, schema, tmp_path):

@@ -13,7 +13,6 @@ from functools import partial
 from typing import Any
 
 import psycopg2
-import pytest
 import pytest_twisted
 from test_journal import (
     Producer,
@@ -142,11 +141,6 @@ async def test_reader_resuming_after_a_pgws_restart_gets_everything_once(db_uri,
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a resume whose journal query fails (here the pool session running it is terminated) "
-    "leaves the reader with no stream event, no recovered flag and a silent gap: "
-    "Journal.open_reader releases the reader in its finally whatever happened, so it goes live "
-    "after the last written seq; the same holds for a failure in _replay after the event"))
 @pytest_twisted.ensureDeferred
 async def test_a_resume_whose_query_fails_is_not_a_silent_gap(db_uri, db: Db, schema):
     server = await journal_server(db_uri, schema)
