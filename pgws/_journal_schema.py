@@ -151,12 +151,20 @@ def migration(schema: str, max_payload: int) -> list[str]:
         f"""CREATE OR REPLACE FUNCTION {s}.relay(channels text[], payloads text[],
                                                  journaled boolean[]) RETURNS void
             LANGUAGE plpgsql AS $$
+            DECLARE
+              n integer := coalesce(array_length(channels, 1), 0);
+              j integer;
             BEGIN
-              FOR i IN 1 .. coalesce(array_length(channels, 1), 0) LOOP
-                IF journaled[i] THEN
-                  PERFORM {s}.send(channels[i], payloads[i]);
-                ELSE
+              -- A run of one journaled channel is one send (one head update), in order.
+              FOR i IN 1 .. n LOOP
+                IF NOT journaled[i] THEN
                   PERFORM pg_notify(channels[i], payloads[i]);
+                ELSIF i = 1 OR NOT journaled[i - 1] OR channels[i - 1] <> channels[i] THEN
+                  j := i;
+                  WHILE j < n AND journaled[j + 1] AND channels[j + 1] = channels[i] LOOP
+                    j := j + 1;
+                  END LOOP;
+                  PERFORM {s}.send(channels[i], payloads[i:j]);
                 END IF;
               END LOOP;
             END $$""",
