@@ -2,7 +2,9 @@
 Load-generating worker processes.  Each runs in its own process (multiprocessing, spawn) and talks
 to the orchestrator over a Pipe with small tuples:
 
-    parent -> worker   ("open", paths, concurrency)   WebSocket workers: open connections
+    parent -> worker   ("open", paths, concurrency, writer, protocol)
+                                                       WebSocket workers: open connections
+                                                       (offering `protocol`, e.g. "pgws", if set)
                        ("go", timing)                  run until timing["t_stop"], then answer
                        ("quit",)                       close everything and exit
     worker -> parent   ("ready", info) / ("opened", info) / ("result", info) / ("error", text)
@@ -36,6 +38,19 @@ BUCKETS_PER_SECOND = 10_000
 
 TS_LEN = 17  # len(f"{time.time():.6f}") until the year 2286
 
+# Latency is read from one text frame in LATENCY_SAMPLE of those one recv brings (the last of
+# each group, and the last of the recv), and stands for the group: frames that arrive together
+# were sent together (one producer batch, one fan-out run), and reading every time stamp cost
+# 0.7 of the 0.9 us a frame took, which made the readers the bottleneck of the fan-out
+# scenarios (and got them cut off as slow readers).  A recv of one frame (paced) is exact.
+LATENCY_SAMPLE = 16
+
+# Bytes a WebSocket reader takes per recv.  Small enough that one epoll pass over a process's
+# sockets, each with a backlog, stays well under pgws's 1 s slow-reader grace (at 256 KiB a pass
+# over 500 busy sockets took over a second when this process got half a core, and pgws cut
+# prompt readers off); large enough that the system call is a small part of a recv's cost.
+RECV_BYTES = 16384
+
 
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -54,6 +69,15 @@ def make_payload(ts: float, seq: int, size: int) -> str:
     """The benchmark payload: send time, sequence number, padding to `size` characters."""
     head = f"{ts:.6f} {seq:010d} "
     return head + "x" * (size - len(head)) if size > len(head) else head
+
+
+def upgrade_request(host: str, port: int, path: str, protocol: str | None = None) -> bytes:
+    """The fixed WebSocket upgrade request (offering a subprotocol if given)."""
+    offer = f"Sec-WebSocket-Protocol: {protocol}\r\n" if protocol else ""
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"{offer}\r\n").encode("latin-1")
 
 
 def _ready_then_go(pipe: Any) -> tuple[dict[str, float], _Window] | None:
@@ -77,6 +101,11 @@ class _Window:
         self.t_start = float("inf")
         self.t_end = float("-inf")
         self.count = 0
+        self.binary = 0  # binary frames (WebSocket readers only): the journal's positions
+        # WebSocket readers: the longest a socket went unread in the window, between two reads
+        # that found data (the slow-reader rule of pgws cuts a reader off after 1 s of no
+        # progress while over max-pending-bytes: longer gaps here are the load generator's)
+        self.read_gap = 0.0
         self.hist: dict[int, int] = {}
         self.lat_max = 0.0
         self.cpu0: float | None = None
@@ -96,7 +125,8 @@ class _Window:
         now = time.time()
         self.tick(now)
         cpu = (self.cpu1 or cpu_seconds()) - (self.cpu0 or cpu_seconds())
-        return {"count": self.count, "hist": self.hist, "lat_max": self.lat_max, "cpu": cpu}
+        return {"count": self.count, "binary": self.binary, "hist": self.hist,
+                "lat_max": self.lat_max, "cpu": cpu, "read_gap": self.read_gap}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +144,7 @@ class _Conn:
         self.out = b""
         self.path = path
         self.writer = writer
-        self.t0 = 0.0
+        self.t0 = 0.0  # when the handshake began; once open, when data was last read
 
 
 _IN = select.EPOLLIN
@@ -133,6 +163,7 @@ class WsWorker:
         self.ep = select.epoll()
         self.conns: dict[int, _Conn] = {}
         self.pending: list[tuple[str, bool]] = []
+        self.protocol: str | None = None  # the subprotocol offered (the journal's "pgws")
         self.inflight = 0
         self.concurrency = 64
         self.opening = False
@@ -150,10 +181,7 @@ class WsWorker:
     # -- connections --------------------------------------------------------------------------
 
     def request(self, path: str) -> bytes:
-        return (f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                "\r\n").encode("latin-1")
+        return upgrade_request(self.host, self.port, path, self.protocol)
 
     def start_more(self) -> None:
         while self.pending and self.inflight < self.concurrency:
@@ -260,7 +288,7 @@ class WsWorker:
 
     def on_readable(self, c: _Conn) -> None:
         try:
-            data = c.sock.recv(262144)
+            data = c.sock.recv(RECV_BYTES)
         except BlockingIOError:
             return
         except OSError as e:
@@ -294,6 +322,7 @@ class WsWorker:
             now = time.time()
             st["t_last"] = now
             st["hs_time"] += now - c.t0
+            c.t0 = now
             data = data[end + 4:]
             if not data:
                 return
@@ -305,27 +334,30 @@ class WsWorker:
         now = time.time()
         win = self.win
         counting = win.t_start <= now <= win.t_end
-        i, count = self._scan(c, data, now, counting)
+        if counting and now - c.t0 > win.read_gap:
+            win.read_gap = now - c.t0
+        c.t0 = now
+        i, count, binary = self._scan(c, data, now, counting)
         c.buf = data[i:] if i < len(data) else b""
         self.frames_total += count
         if counting:
             win.count += count
+            win.binary += binary
         if self.watch_until:
             self.watch_count += count
 
-    def _scan(self, c: _Conn, data: bytes, now: float, counting: bool) -> tuple[int, int]:
+    def _scan(self, c: _Conn, data: bytes, now: float, counting: bool) -> tuple[int, int, int]:
         """
-        Handle the complete frames at the start of `data`: count the text frames (and record
-        their latencies when `counting`), answer pings, drop the connection at a close.  Returns
-        the bytes used up and the number of text frames.  This is the per-frame hot loop, so it
-        calls nothing for a text frame.
+        Handle the complete frames at the start of `data`: count the text frames (and, when
+        `counting`, record latencies: see LATENCY_SAMPLE), answer pings, drop the connection at
+        a close.  Returns the bytes used up, the number of text frames and of binary ones
+        (pgws's control messages, and the journal's positions).  This is the per-frame hot loop,
+        so it calls nothing for most text frames.
         """
         n = len(data)
         i = 0
-        count = 0
-        win = self.win
-        hist = win.hist
-        lat_max = win.lat_max
+        count = binary = 0
+        last = -1  # where the last text frame's payload starts
         while n - i >= 2:
             ln = data[i + 1] & 127
             h = 2
@@ -338,27 +370,41 @@ class WsWorker:
             op = data[i] & 15
             if op == 1:
                 count += 1
-                if counting:
-                    try:
-                        lat = now - float(data[i + h:i + h + TS_LEN])
-                    except ValueError:
-                        lat = None
-                    if lat is not None:
-                        k = int(lat * BUCKETS_PER_SECOND)
-                        hist[k] = hist.get(k, 0) + 1
-                        lat_max = lat if lat > lat_max else lat_max
-            elif op == 9:  # ping: answer with a pong carrying the same data
-                payload = data[i + h:end]
-                pong = bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
-                c.out += pong
-                self.write_some(c) if c.writer else self._send_now(c)
-            elif op == 8:
-                code = int.from_bytes(data[i + h:i + h + 2], "big") if ln >= 2 else 1005
-                self._drop(c, f"close {code}")
-                break
+                last = i + h
+                if counting and count % LATENCY_SAMPLE == 0:
+                    self._latency(data, last, now, LATENCY_SAMPLE)
+            elif op == 2:
+                binary += 1
+            elif op >= 8 and self._control(c, op, data[i + h:end]):
+                break  # closed
             i = end
-        win.lat_max = lat_max
-        return i, count
+        if counting and count % LATENCY_SAMPLE:
+            self._latency(data, last, now, count % LATENCY_SAMPLE)
+        return i, count, binary
+
+    def _latency(self, data: bytes, at: int, now: float, weight: int) -> None:
+        """The latency of the text frame whose payload starts at `at`, for `weight` frames."""
+        try:
+            lat = now - float(data[at:at + TS_LEN])
+        except ValueError:
+            return
+        win = self.win
+        k = int(lat * BUCKETS_PER_SECOND)
+        win.hist[k] = win.hist.get(k, 0) + weight
+        if lat > win.lat_max:
+            win.lat_max = lat
+
+    def _control(self, c: _Conn, op: int, payload: bytes) -> bool:
+        """A ping is answered with a pong carrying the same data; a close drops (True)."""
+        if op == 9:
+            pong = bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+            c.out += pong
+            self.write_some(c) if c.writer else self._send_now(c)
+        elif op == 8:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self._drop(c, f"close {code}")
+            return True
+        return False
 
     def _send_now(self, c: _Conn) -> None:
         try:
@@ -376,7 +422,7 @@ class WsWorker:
     def command(self, msg: tuple[Any, ...]) -> bool:
         kind = msg[0]
         if kind == "open":
-            _, paths, concurrency, writer = msg
+            _, paths, concurrency, writer, self.protocol = msg
             self.pending = [(p, writer) for p in reversed(paths)]
             self.concurrency = concurrency
             self.opening = True
@@ -492,11 +538,13 @@ def _wait_until(t: float, step: float) -> None:
 
 
 def producer_worker(pipe: Any, dsn: str, channels: list[str], mode: str, batch: int,
-                    rate: float, payload_size: int) -> None:
+                    rate: float, payload_size: int, function: str = "pg_notify") -> None:
     """
-    `flood`: batches of `batch` pg_notify in one statement (one transaction each), as fast as
-    PostgreSQL takes them, channels taken in turn.  `paced`: one notification per transaction,
-    `rate` per second on a fixed schedule.  Runs from t_begin to t_end.
+    `flood`: batches of `batch` calls of `function(channel, payload)` in one statement (one
+    transaction each), as fast as PostgreSQL takes them, channels taken in turn.  `function` is
+    pg_notify, or the journal's <schema>.send; "<schema>.send[]" is one call of
+    send(channel, payloads[]) per batch instead (one channel a batch).  `paced`: one pg_notify
+    per transaction, `rate` per second on a fixed schedule.  Runs from t_begin to t_end.
     """
     try:
         conn = _connect(dsn, options="-c synchronous_commit=off")
@@ -507,7 +555,7 @@ def producer_worker(pipe: Any, dsn: str, channels: list[str], mode: str, batch: 
         timing, win = started
         _wait_until(timing["t_begin"], 0.001)
         if mode == "flood":
-            sent = _flood(cur, win, timing["t_end"], channels, batch, payload_size)
+            sent = _flood(cur, win, timing["t_end"], channels, batch, payload_size, function)
         else:
             sent = _paced(cur, win, timing["t_begin"], timing["t_end"], channels, rate,
                           payload_size)
@@ -522,21 +570,27 @@ def producer_worker(pipe: Any, dsn: str, channels: list[str], mode: str, batch: 
 
 
 def _flood(cur: Any, win: _Window, t_end: float, channels: list[str], batch: int,
-           payload_size: int) -> int:
+           payload_size: int, function: str = "pg_notify") -> int:
     """The flood producer's loop until t_end; returns the notifications sent inside the window."""
     nch = len(channels)
     seq = 0
     sent = 0
-    sql = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
+    array = function.endswith("[]")  # one call with the batch's payloads (one channel)
+    if array:
+        sql = f"SELECT {function[:-2]}(%s, %s::text[])"
+    else:
+        sql = f"SELECT {function}(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
     while True:
         now = time.time()
         win.tick(now)
         if now >= t_end:
             break
-        chans = [channels[(seq + j) % nch] for j in range(batch)]
         pays = [make_payload(now, seq + j, payload_size) for j in range(batch)]
+        if array:
+            cur.execute(sql, (channels[(seq // batch) % nch], pays))
+        else:
+            cur.execute(sql, ([channels[(seq + j) % nch] for j in range(batch)], pays))
         seq += batch
-        cur.execute(sql, (chans, pays))
         if win.t_start <= now < win.t_end:
             sent += batch
     return sent
@@ -577,7 +631,11 @@ def _raw_ts(payload: str) -> float:
 
 
 def listener_worker(pipe: Any, dsn: str, channel: str, kind: str) -> None:
-    """A plain psycopg2 LISTEN client: counts notifications and their latency in the window."""
+    """
+    A plain psycopg2 LISTEN client: counts notifications and their latency in the window.
+    `kind` "raw": the payload starts with the send time; "envelope": pgws's envelope with the
+    send time as its payload.
+    """
     try:
         from pgws._channelname import quote_ident
 
@@ -587,8 +645,7 @@ def listener_worker(pipe: Any, dsn: str, channel: str, kind: str) -> None:
         if started is None:
             return
         timing, win = started
-        ts_of = _envelope_ts if kind == "envelope" else _raw_ts
-        hist = win.hist
+        count = _Counter(win, kind)
         fd = conn.fileno()
         while True:
             now = time.time()
@@ -599,19 +656,61 @@ def listener_worker(pipe: Any, dsn: str, channel: str, kind: str) -> None:
             if not r:
                 continue
             conn.poll()
-            notifies = conn.notifies
-            if not notifies:
-                continue
-            now = time.time()
-            if win.t_start <= now <= win.t_end:
-                win.count += len(notifies)
-                for n in notifies:
-                    lat = now - ts_of(n.payload)
-                    k = int(lat * BUCKETS_PER_SECOND)
-                    hist[k] = hist.get(k, 0) + 1
-                    if lat > win.lat_max:
-                        win.lat_max = lat
-            del notifies[:]
+            if conn.notifies:
+                count.add(conn.notifies, time.time())
+                del conn.notifies[:]
+        pipe.send(("result", win.summary()))
+        pipe.recv()
+        conn.close()
+    except Exception as e:
+        _report(pipe, e)
+
+
+class _Counter:
+    """What the LISTEN client does with the notifications of one poll (see listener_worker)."""
+
+    def __init__(self, win: _Window, kind: str) -> None:
+        self.win = win
+        self.ts_of = _envelope_ts if kind == "envelope" else _raw_ts
+
+    def add(self, notifies: list[Any], now: float) -> None:
+        win = self.win
+        if not win.t_start <= now <= win.t_end:
+            return
+        win.count += len(notifies)
+        hist, ts_of = win.hist, self.ts_of
+        for n in notifies:
+            lat = now - ts_of(n.payload)
+            k = int(lat * BUCKETS_PER_SECOND)
+            hist[k] = hist.get(k, 0) + 1
+            if lat > win.lat_max:
+                win.lat_max = lat
+
+
+def head_worker(pipe: Any, dsn: str, schema: str, channel: str) -> None:
+    """
+    The journal's count of a channel's messages: its head (the last seq committed) read at
+    t_start and at t_end; "count" is the difference, the messages committed in the window.
+    (The wake-ups cannot be counted: there is one per channel per transaction.)
+    """
+    try:
+        conn = _connect(dsn)
+        cur = conn.cursor()
+        started = _ready_then_go(pipe)
+        if started is None:
+            return
+        timing, win = started
+
+        def head() -> int:
+            cur.execute(f"SELECT head FROM {schema}.streams WHERE channel = %s", (channel,))
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+
+        _wait_until(timing["t_start"], 0.001)
+        h0 = head()
+        _wait_until(timing["t_end"], 0.001)
+        win.count = head() - h0
+        _wait_until(timing["t_stop"], 0.01)
         pipe.send(("result", win.summary()))
         pipe.recv()
         conn.close()

@@ -17,6 +17,7 @@ import platform
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,17 +25,21 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios, services
+from bench import journal, report, scenarios, services
 from bench.scenarios import Env, Params
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 FULL = Params(fanout=[1, 100, 1000, 10000], ceiling_readers=1000, warmup=2.0, duration=8.0,
               batch=50, payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=10.0,
-              channels=1000, channel_readers=10, writers=100, connections=[1000, 10000])
+              channels=1000, channel_readers=10, writers=100, connections=[1000, 10000],
+              journal_readers=1000, producers=4, producer_batch=100, resume_messages=10_000,
+              resume_rounds=3)
 QUICK = Params(fanout=[1, 1000], ceiling_readers=1000, warmup=0.5, duration=2.0, batch=50,
                payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=3.0,
-               channels=100, channel_readers=10, writers=20, connections=[1000, 2000])
+               channels=100, channel_readers=10, writers=20, connections=[1000, 2000],
+               journal_readers=1000, producers=4, producer_batch=100, resume_messages=10_000,
+               resume_rounds=3)
 
 
 def _ints(text: str) -> list[int]:
@@ -50,11 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scenarios", default="all",
                     help="comma-separated: fanout, fanout-N, paced, channels, writers, "
                          "connections, pg-ceiling, stack-ceiling, paced-ceiling, pg-writers, "
-                         "baselines, all")
+                         "baselines, journal-fanout-N, journal-writers, producers, "
+                         "journal-producers, journal-resume, journal (the journal scenarios "
+                         "and their journal-off counterparts), all")
     ap.add_argument("--profile", default=None,
                     help="scenarios to profile pgws in with py-spy after the runs, e.g. "
-                         "fanout-1000,writers (default: those two in a full run, none with "
-                         "--quick; 'none' to skip)")
+                         "fanout-1000,writers (default in a full run: fanout-1000, writers, "
+                         "journal-fanout-1000, journal-writers; none with --quick; 'none' to "
+                         "skip)")
     g = ap.add_argument_group("sizes (defaults: full run / --quick)")
     g.add_argument("--fanout", type=_ints, help="reader counts of the fanout scenario "
                    f"({FULL.fanout} / {QUICK.fanout})")
@@ -71,6 +79,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--writers", type=int, help="writers (100 / 20)")
     g.add_argument("--connections", type=_ints,
                    help="idle connection steps (1000,10000 / 1000,2000)")
+    g.add_argument("--journal-readers", type=int,
+                   help="readers of journal-fanout-N and its fanout-N (1000)")
+    g.add_argument("--producers", type=int,
+                   help="producer processes of (journal-)producers, one channel each (4)")
+    g.add_argument("--producer-batch", type=int,
+                   help="calls per transaction of (journal-)producers and journal-resume (100)")
+    g.add_argument("--resume-messages", type=int,
+                   help="messages journal-resume's reader misses, then gets replayed (10000)")
+    g.add_argument("--resume-rounds", type=int,
+                   help="resumes per journal-resume run; the median counts (3)")
     ap.add_argument("--quiet-cores", type=float, default=0.3,
                     help="before each scenario run, wait until other processes use fewer cores "
                          "than this (0.3) ...")
@@ -102,6 +120,9 @@ def select(names: list[str], spec: str, params: Params) -> list[str]:
         if word == "baselines":
             hits = [n for n in names if n.startswith(("pg-ceiling", "stack-ceiling", "paced-ceiling",
                                                           "pg-writers"))]
+        elif word == "journal":
+            pairs = journal.counterparts(params)
+            hits = [n for n in names if n.startswith("journal-") or n in pairs]
         elif word in ("fanout", "stack-ceiling"):
             hits = [n for n in names if n.startswith(word + "-")]
         elif word.startswith("fanout-") and word not in names:
@@ -132,7 +153,23 @@ def host_info() -> dict[str, Any]:
         except Exception:
             versions[mod] = "?"
     return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "kernel": platform.release(), "loadavg_at_start": os.getloadavg(), **versions}
+            "kernel": platform.release(), "loadavg_at_start": os.getloadavg(), **versions,
+            "git": git_state()}
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and pgws files changed in the working tree (others work in it)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "pgws_changed": git("status", "--porcelain", "--", "pgws").splitlines()}
 
 
 def wait_quiet(limit: float, max_wait: float) -> tuple[float, float]:
@@ -177,6 +214,10 @@ def brief(rec: dict[str, Any]) -> str:
         parts.append(f"PG {rec['pg_cpu']:.2f}, others {rec['other_cpu']:.2f} cores")
     if rec.get("drops"):
         parts.append(f"dropped {rec['drops']}")
+    cut = rec.get("cut_off") or {}
+    if cut.get("count"):
+        parts.append(f"{cut['count']} readers cut off as too slow from {cut.get('first_s') or 0:.0f} s "
+                     "after the load began")
     warn = rec.get("server_warnings") or {}
     if warn.get("count"):
         parts.append(f"pgws warnings {warn['count']}: {warn['first'][0][:120]}")
@@ -221,7 +262,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def profiled(args: argparse.Namespace, catalogue: dict[str, Any]) -> list[str]:
     """The scenarios --profile names (none if py-spy is missing)."""
     if args.profile is None:
-        profile = [] if args.quick else ["fanout-1000", "writers"]
+        profile = [] if args.quick else ["fanout-1000", "writers", "journal-fanout-1000",
+                                         "journal-writers"]
     elif args.profile == "none":
         profile = []
     else:

@@ -9,7 +9,8 @@ from typing import Any
 
 NUMERIC = ("value", "p50_ms", "p99_ms", "max_ms", "lg_cpu", "lg_cpu_producer", "srv_cpu",
            "srv_rss_mb", "pg_cpu", "sent_rate", "served", "connections", "rss0_mb", "host_cpu",
-           "other_cpu", "per_srv_core")
+           "other_cpu", "per_srv_core", "messages_per_s", "upgrade_ms", "stream_event_ms",
+           "journal_rows")
 
 
 def _median(values: list[Any]) -> Any:
@@ -83,7 +84,40 @@ def ratios(summary: dict[str, dict[str, Any]], params: Any) -> list[dict[str, An
                      "value": f"{got:.0f} / {served:.0f}" if got is not None and served is not None
                      else None,
                      "target": f"{want} / {want}", "pass": ok})
-    return rows
+    return rows + journal_ratios(summary, params)
+
+
+def journal_ratios(summary: dict[str, dict[str, Any]], params: Any) -> list[dict[str, Any]]:
+    """The journal's targets: each journal-on figure against its journal-off counterpart."""
+    def val(name: str) -> float | None:
+        s = summary.get(name)
+        return s.get("value") if s else None
+
+    def ratio(on: str, off: str) -> float | None:
+        a, b = val(on), val(off)
+        return a / b if a is not None and b else None
+
+    def row(what: str, value: float | None, target: str | None, ok: Any) -> dict[str, Any]:
+        return {"what": what, "value": value, "target": target,
+                "pass": None if value is None or target is None else ok(value)}
+
+    n = params.journal_readers
+    ms = val("journal-resume")
+    return [
+        row(f"journal-fanout-{n} / fanout-{n} (journal on / off), deliveries/s",
+            ratio(f"journal-fanout-{n}", f"fanout-{n}"), ">= 0.5", lambda v: v >= 0.5),
+        row(f"journal-fanout-{n}-plain / fanout-{n} (journal on, readers without positions / "
+            "off), deliveries/s", ratio(f"journal-fanout-{n}-plain", f"fanout-{n}"), None, None),
+        row(f"journal-writers / writers (journal on / off, {params.writers} writers), envelopes/s",
+            ratio("journal-writers", "writers"), None, None),
+        row(f"journal-producers / producers (<schema>.send / pg_notify, {params.producers} "
+            f"processes x {params.producer_batch} per transaction), messages/s",
+            ratio("journal-producers", "producers"), ">= 0.5", lambda v: v >= 0.5),
+        row("journal-producers-array / producers (send(channel, payloads[]) per batch / "
+            "pg_notify), messages/s", ratio("journal-producers-array", "producers"), None, None),
+        row(f"journal-resume: connect to the {params.resume_messages:,}th replayed message, ms",
+            ms, "< 1000", lambda v: v < 1000),
+    ]
 
 
 def _fmt(v: Any, digits: int = 0) -> str:
@@ -144,9 +178,19 @@ def ratio_lines(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         v = r["value"]
         shown = v if isinstance(v, str) else ("-" if v is None else f"{v:.2f}")
-        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[r["pass"]]
-        out.append(f"  {verdict:4}  {r['what']}: {shown} (target {r['target']})")
+        verdict = _verdict(r)
+        out.append(f"  {verdict:4}  {r['what']}: {shown} ({_target(r)})")
     return "\n".join(out)
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    if r["target"] is None:
+        return "info"
+    return {True: "PASS", False: "FAIL", None: "n/a"}[r["pass"]]
+
+
+def _target(r: dict[str, Any]) -> str:
+    return "no target" if r["target"] is None else f"target {r['target']}"
 
 
 def chart(summary: dict[str, dict[str, Any]], order: list[str], rows: list[dict[str, Any]],
@@ -198,8 +242,7 @@ def chart(summary: dict[str, dict[str, Any]], order: list[str], rows: list[dict[
     for r in rows:
         v = r["value"]
         shown = v if isinstance(v, str) else ("-" if v is None else f"{v:.2f}")
-        mark = "PASS" if r["pass"] else "FAIL" if r["pass"] is False else "n/a"
-        verdicts.append(f"{mark}  {r['what']}: {shown} (target {r['target']})")
+        verdicts.append(f"{_verdict(r)}  {r['what']}: {shown} ({_target(r)})")
     fig.suptitle(title, fontsize=11)
     fig.text(0.01, 0.01, "\n".join(verdicts), fontsize=7.5, family="monospace", va="bottom")
     bottom = (0.2 + 0.14 * len(verdicts)) / fig.get_size_inches()[1]

@@ -9,7 +9,8 @@ The scenarios and baselines.  Each function runs one scenario once and returns a
     sent_rate                     what the producer / writers sent per second in the window
     drops                         connections the server closed or lost (reason -> count)
 
-A fresh server process is started for every scenario run and stopped after it.
+A fresh server process is started for every scenario run and stopped after it; the journal
+scenarios (bench/journal.py) start theirs with `--journal true`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ class Params:
     writers: int
     connections: list[int]
     concurrency: int = 50  # handshakes in flight per load-generator process
+    # The journal scenarios (bench/journal.py).
+    journal_readers: int = 1000  # journal-fanout-N: readers
+    producers: int = 4  # journal-producers: psycopg2 producer processes, one channel each
+    producer_batch: int = 100  # journal-producers, journal-resume: calls per transaction
+    resume_messages: int = 10_000  # journal-resume: messages missed, then replayed
+    resume_rounds: int = 3  # journal-resume: resumes per scenario run (the median counts)
 
 
 @dataclass
@@ -113,10 +120,10 @@ class Fleet:
                       for _ in range(nprocs)]
 
     def open(self, paths: list[str], concurrency: int, writer: bool = False,
-             timeout: float = 180) -> dict[str, Any]:
+             timeout: float = 180, protocol: str | None = None) -> dict[str, Any]:
         n = len(self.procs)
         for i, p in enumerate(self.procs):
-            p.send(("open", paths[i::n], concurrency, writer))
+            p.send(("open", paths[i::n], concurrency, writer, protocol))
         stats = [p.recv(timeout)[1] for p in self.procs]
         errors: dict[str, int] = {}
         for s in stats:
@@ -178,6 +185,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             drops[k] = drops.get(k, 0) + v
     return {
         "count": sum(r.get("count", 0) for r in results),
+        "binary": sum(r.get("binary", 0) for r in results),
+        "read_gap": max((r.get("read_gap", 0.0) for r in results), default=0.0),
         "sent": sum(r.get("sent", 0) for r in results),
         "cpu": sum(r.get("cpu", 0.0) for r in results),
         "lat_max": max((r.get("lat_max", 0.0) for r in results), default=0.0),
@@ -279,8 +288,37 @@ def record(name: str, metric: str, unit: str, got: dict[str, Any], win: dict[str
 # -- scenarios ---------------------------------------------------------------------------------
 
 
-def _start_pgws(env: Env) -> Pgws:
-    server = Pgws(env.pg.uri, env.secret, env.workdir)
+# The journal's schema (journal-schema), and what the journal-on pgws is started with.
+JOURNAL_SCHEMA = "pgws"
+JOURNAL_ARGS = ["--journal", "true", "--journal-schema", JOURNAL_SCHEMA]
+# Readers of the journal-on scenarios offer pgws's subprotocol: they get positions.
+SUBPROTOCOL = "pgws"
+
+
+def reset_journal(env: Env) -> None:
+    """
+    Empty the journal's tables (if a journal pgws ever made them), so that every journal run
+    starts from the same state; called while no pgws runs.
+    """
+    import psycopg2
+
+    conn = psycopg2.connect(env.pg.uri)
+    conn.autocommit = True
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT to_regclass(%s)", (f"{JOURNAL_SCHEMA}.messages",))
+        row = cur.fetchone()
+        if row is not None and row[0] is not None:
+            cur.execute(f"TRUNCATE {JOURNAL_SCHEMA}.messages, {JOURNAL_SCHEMA}.streams")
+    finally:
+        conn.close()
+
+
+def _start_pgws(env: Env, journal: bool = False) -> Pgws:
+    """A fresh pgws; with the journal, on empty journal tables."""
+    if journal:
+        reset_journal(env)
+    server = Pgws(env.pg.uri, env.secret, env.workdir, JOURNAL_ARGS if journal else None)
     server.start()
     return server
 
@@ -291,55 +329,65 @@ def _check_open(opened: dict[str, Any], want: int, what: str) -> None:
                           f"{opened['errors']}")
 
 
+def _readers_server(env: Env, ceiling: bool, journal: bool, channels: list[str],
+                    per_channel: int) -> tuple[Any, list[str]]:
+    """The server of a readers scenario (started), and the readers' paths."""
+    if ceiling:
+        server: Any = Ceiling(env.workdir)
+        server.start()
+        return server, ["/ceiling"] * (len(channels) * per_channel)
+    server = _start_pgws(env, journal)
+    return server, [f"/{ch}/{env.token_r}" for ch in channels for _ in range(per_channel)]
+
+
 def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_channel: int,
             mode: str = "flood", rate: float = 0.0, duration: float | None = None,
-            warmup: float | None = None) -> dict[str, Any]:
-    """Readers on pgws (a producer notifies through PostgreSQL) or on the broadcast server."""
+            warmup: float | None = None, journal: bool = False,
+            positions: bool = True) -> dict[str, Any]:
+    """
+    Readers on pgws (a producer notifies through PostgreSQL) or on the broadcast server.  With
+    `journal`, pgws runs with the journal and the producer calls <schema>.send where it would
+    call pg_notify, batched the same way; with `positions` the readers speak pgws's subprotocol
+    (each message comes as its position's binary frame and the text frame; only text frames
+    are counted), else they get plain text frames as without the journal.
+    """
     p = env.params
     duration = duration or p.duration
     warmup = p.warmup if warmup is None else warmup
     server: Any = None
     fleet = producer = None
     try:
-        if ceiling:
-            server = Ceiling(env.workdir)
-            port = server.start()
-            paths = ["/ceiling"] * (len(channels) * per_channel)
-        else:
-            server = _start_pgws(env)
-            port = server.port
-            paths = [f"/{ch}/{env.token_r}" for ch in channels for _ in range(per_channel)]
-        fleet = Fleet(env, port, procs_for(len(paths)))
-        opened = fleet.open(paths, p.concurrency)
+        server, paths = _readers_server(env, ceiling, journal, channels, per_channel)
+        fleet = Fleet(env, server.port, procs_for(len(paths)))
+        opened = fleet.open(paths, p.concurrency,
+                            protocol=SUBPROTOCOL if journal and positions else None)
         _check_open(opened, len(paths), name)
         if not ceiling:
             producer = Proc(env, loadgen.producer_worker, env.pg.uri, channels, mode, p.batch,
-                            rate, p.payload_size)
+                            rate, p.payload_size,
+                            f"{JOURNAL_SCHEMA}.send" if journal else "pg_notify")
             ready([producer])
-        grace = 0.5 if mode == "paced" else 0.3
-        timing = timing_for(warmup, duration, grace)
+        timing = timing_for(warmup, duration, 0.5 if mode == "paced" else 0.3)
         fleet.go(timing)
-        if ceiling:
-            go = f"go {timing['t_begin']} {timing['t_end']} {p.payload_size}"
-            if mode == "paced":
-                go += f" {rate}"
-            assert server.command(go) == "started"
-        else:
-            assert producer is not None  # started above for pgws
+        if producer is not None:
             producer.go(timing)
+        else:
+            go = f"go {timing['t_begin']} {timing['t_end']} {p.payload_size}"
+            assert server.command(go + (f" {rate}" if mode == "paced" else "")) == "started"
         win = Window(env, server, timing).measure()
         res = fleet.results(timeout=duration + 60)
         prod: dict[str, Any] = producer.result(timeout=60) if producer else {"sent": 0, "cpu": 0.0}
-        if ceiling:
-            messages = int(server.answer(timeout=30).split()[1])
-            sent_rate = None
+        if producer is None:
+            messages, sent_rate = int(server.answer(timeout=30).split()[1]), None
         else:
-            messages = prod["sent"]
-            sent_rate = prod["sent"] / duration
+            messages, sent_rate = prod["sent"], prod["sent"] / duration
         got = merge(res)
-        return record(name, "deliveries/s", "deliveries/s", got, win, res + [prod], duration,
-                      readers=len(paths), sent_rate=sent_rate, messages=messages,
-                      lg_cpu_producer=prod["cpu"] / win["wall"],
+        return record(name, "deliveries/s", "deliveries/s", got, win, res + [prod],
+                      duration, readers=len(paths), sent_rate=sent_rate, messages=messages,
+                      binary_frames=got["binary"], positions=journal and positions,
+                      lg_read_gap_ms=got["read_gap"] * 1000,
+                      cut_off=None if ceiling else server.cut_offs(timing["t_begin"]),
+                      lg_cpu_producer=prod["cpu"] / win["wall"], journal=journal,
                       server_warnings=None if ceiling else server.warnings())
     finally:
         if producer:
@@ -404,18 +452,28 @@ def pg_ceiling(env: Env) -> dict[str, Any]:
                 w.stop()
 
 
-def writers(env: Env) -> dict[str, Any]:
-    """`writers` WebSockets (mode w) sending as fast as they can; envelopes at a plain LISTEN."""
+def writers(env: Env, journal: bool = False) -> dict[str, Any]:
+    """
+    `writers` WebSockets (mode w) sending as fast as they can; envelopes at a plain LISTEN.
+    With `journal`, pgws runs with the journal: the channel is journaled, so its client
+    messages go through <schema>.relay, which inserts each one and NOTIFYs only a wake-up;
+    the envelopes are counted by the channel's head in the journal, read at the window's
+    edges (no latency then).
+    """
     p = env.params
+    name = "journal-writers" if journal else "writers"
     server = fleet = listener = None
     try:
-        server = _start_pgws(env)
-        listener = Proc(env, loadgen.listener_worker, env.pg.uri, WRITE_CHANNEL, "envelope")
+        server = _start_pgws(env, journal)
+        if journal:
+            listener = Proc(env, loadgen.head_worker, env.pg.uri, JOURNAL_SCHEMA, WRITE_CHANNEL)
+        else:
+            listener = Proc(env, loadgen.listener_worker, env.pg.uri, WRITE_CHANNEL, "envelope")
         ready([listener])
         fleet = Fleet(env, server.port, 1 if p.writers <= 50 else 2)
         opened = fleet.open([f"/{WRITE_CHANNEL}/{env.token_w}"] * p.writers, p.concurrency,
                             writer=True)
-        _check_open(opened, p.writers, "writers")
+        _check_open(opened, p.writers, name)
         timing = timing_for(p.warmup, p.duration, 0.3)
         fleet.go(timing)
         listener.go(timing)
@@ -423,9 +481,9 @@ def writers(env: Env) -> dict[str, Any]:
         res = fleet.results(timeout=p.duration + 60)
         got = listener.result(timeout=60)
         sent = merge(res)
-        return record("writers", "envelopes/s", "envelopes/s", merge([got]), win, res + [got],
+        return record(name, "envelopes/s", "envelopes/s", merge([got]), win, res + [got],
                       p.duration, writers=p.writers, sent_rate=sent["sent"] / p.duration,
-                      drops=sent["drops"], server_warnings=server.warnings())
+                      drops=sent["drops"], journal=journal, server_warnings=server.warnings())
     finally:
         for w in (fleet, listener, server):
             if w:
@@ -522,9 +580,17 @@ def connections(env: Env) -> dict[str, Any]:
 
 
 def catalogue(params: Params) -> list[tuple[str, Any]]:
-    """Every scenario and baseline, in the order a run performs them."""
+    """
+    Every scenario and baseline, in the order a run performs them; each journal scenario right
+    after its journal-off counterpart (bench/journal.py), so that the two see the same machine.
+    """
+    from bench import journal
+
     items: list[tuple[str, Any]] = [("pg-ceiling", pg_ceiling)]
-    for n in params.fanout:
+    fanouts = list(params.fanout)
+    if params.journal_readers not in fanouts:  # journal-fanout-N is compared with fanout-N
+        fanouts.append(params.journal_readers)
+    for n in fanouts:
         items.append((f"fanout-{n}", lambda env, n=n: fanout(env, n)))
     items += [
         (f"stack-ceiling-{params.ceiling_readers}", stack_ceiling),
@@ -535,4 +601,9 @@ def catalogue(params: Params) -> list[tuple[str, Any]]:
         ("writers", writers),
         ("connections", connections),
     ]
-    return items
+    after = journal.catalogue_items(params)
+    out: list[tuple[str, Any]] = []
+    for item in items:
+        out.append(item)
+        out += after.get(item[0], [])
+    return out

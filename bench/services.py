@@ -252,6 +252,27 @@ class Pgws(_Process):
                 break
         return {"count": len(bad), "first": first}
 
+    def cut_offs(self, t0: float) -> dict[str, Any]:
+        """
+        Readers pgws closed as too slow (max-pending-bytes), and when the first and the last
+        were, in seconds after t0 (the log's time stamps have whole seconds).
+        """
+        import datetime
+
+        try:
+            lines = [ln for ln in self.log.read_text().splitlines() if "reads too slowly" in ln]
+        except FileNotFoundError:
+            lines = []
+
+        def at(line: str) -> float | None:
+            try:
+                return datetime.datetime.fromisoformat(line.split(" ", 1)[0]).timestamp() - t0
+            except ValueError:
+                return None
+
+        return {"count": len(lines), "first_s": at(lines[0]) if lines else None,
+                "last_s": at(lines[-1]) if lines else None}
+
     def tail(self, n: int = 15) -> str:
         try:
             return "\n".join(self.log.read_text().splitlines()[-n:])
