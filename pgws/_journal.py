@@ -50,7 +50,7 @@ from pgws._channels import ChannelRegistry, position_frames
 from pgws._closing import CLOSE_INTERNAL_ERROR
 from pgws._journal_schema import JournalSchemaError, migration, wake_channel
 from pgws._postgres import describe_error
-from pgws._reactor import backoff_delays, fire_and_log, fired, sleep
+from pgws._reactor import backoff_delays, fire_and_log, fired, sleep, within
 
 __all__ = ["Following", "Journal", "Resume", "matcher", "parse_resume"]
 
@@ -60,6 +60,8 @@ _log = Logger()
 # one row): payloads may be megabytes each.
 FETCH_ROWS = 1000
 FETCH_BYTES = 16 * 1024 * 1024
+# Seconds a read of the journal may take before it is abandoned and tried again.
+QUERY_DEADLINE = 5.0
 # The journal reads no more while this many entries wait in the fan-out.
 FANOUT_ROOM = 5000
 # Retention: rows deleted per statement, and seconds between prunings.
@@ -232,14 +234,21 @@ class Journal:
         connection, and every other channel's readers behind it).
         """
         s = self.schema
-        rows = await self._db.run_query(
+        rows = await self._query(
             f"SELECT epoch, head FROM {s}.streams WHERE channel = %s", (channel,))
         if rows:
             return rows
-        return await self._db.run_query(
+        return await self._query(
             f"WITH made AS (INSERT INTO {s}.streams (channel) VALUES (%s) ON CONFLICT DO NOTHING "
             f"RETURNING epoch, head) SELECT epoch, head FROM made UNION ALL "
             f"SELECT epoch, head FROM {s}.streams WHERE channel = %s", (channel, channel))
+
+    def _query(self, sql: str, args: Any = None) -> defer.Deferred[list[tuple[Any, ...]]]:
+        """
+        A read with a deadline: a query stuck on a pool connection that died under it would
+        hold a stream (or a resume) for good; abandoned, it is retried (or told).
+        """
+        return within(self._db.run_query(sql, args), QUERY_DEADLINE, self._reactor)
 
     def _migrated_or_now(self) -> defer.Deferred[None]:
         return defer.succeed(None) if self.migrated else fired(self._migrated)
@@ -320,7 +329,7 @@ class Journal:
         bound = "" if upto is None else f" AND seq <= {int(upto)}"
         # The running total stops at about FETCH_BYTES; octet_length reads a stored value's size
         # without detoasting it, and rows past the total are never sent.
-        return self._db.run_query(
+        return self._query(
             f"SELECT seq, payload FROM (SELECT seq, payload, sum(octet_length(payload)) OVER "
             f"(ORDER BY seq) - octet_length(payload) AS before FROM {self.schema}.messages "
             f"WHERE channel = %s AND seq > %s{bound} ORDER BY seq LIMIT {FETCH_ROWS}) AS t "
@@ -402,7 +411,7 @@ class Journal:
             await sleep(self._reactor, 0.01)
 
     async def _oldest(self, channel: str) -> int:
-        rows = await self._db.run_query(
+        rows = await self._query(
             f"SELECT min(seq) FROM {self.schema}.messages WHERE channel = %s", (channel,))
         return int(rows[0][0]) if rows and rows[0][0] is not None else 2 ** 62
 
