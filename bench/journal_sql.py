@@ -92,16 +92,21 @@ def _envelope(seq: int) -> str:
     return f'{{"event":"WebsocketMessage","channel":"{CHANNEL}","payload":"{text}","claims":{claims}}}'
 
 
-def _loop(uri: str, seconds: float, call: Callable[[Any, int], int], out: list[int]) -> None:
-    """One connection running `call(cursor, seq)` (it returns the messages sent) until done."""
+def _loop(uri: str, seconds: float, call: Callable[[Any, int], int], out: list[int],
+          conns: list[Any]) -> None:
+    """
+    One connection running `call(cursor, seq)` (it returns the messages sent) until done; it
+    stays open (in `conns`) until PostgreSQL's CPU has been read: an exited backend's time
+    reaches the postmaster's figures only once it is reaped.
+    """
     conn = _connect(uri)
+    conns.append(conn)
     cur = conn.cursor()
     n = 0
     t_end = time.time() + seconds
     while time.time() < t_end:
         n += call(cur, n)
     out.append(n)
-    conn.close()
 
 
 def measure(pg: Postgres, label: str, call: Callable[[Any, int], int], seconds: float,
@@ -110,7 +115,8 @@ def measure(pg: Postgres, label: str, call: Callable[[Any, int], int], seconds: 
     reset.cursor().execute(f"TRUNCATE {SCHEMA}.messages, {SCHEMA}.streams")
     reset.close()
     out: list[int] = []
-    threads = [threading.Thread(target=_loop, args=(pg.uri, seconds, call, out))
+    conns: list[Any] = []
+    threads = [threading.Thread(target=_loop, args=(pg.uri, seconds, call, out, conns))
                for _ in range(connections)]
     c0, t0 = pg.cpu(), time.time()
     for t in threads:
@@ -118,6 +124,8 @@ def measure(pg: Postgres, label: str, call: Callable[[Any, int], int], seconds: 
     for t in threads:
         t.join()
     wall, cpu, n = time.time() - t0, pg.cpu() - c0, sum(out)
+    for conn in conns:
+        conn.close()
     row = {"what": label, "messages_per_s": n / wall, "pg_cpu": cpu / wall,
            "pg_us_per_message": cpu / n * 1e6 if n else None}
     print(f"  {label:66} {row['messages_per_s']:9,.0f}/s  PG {row['pg_cpu']:.2f} cores  "

@@ -106,6 +106,7 @@ class _Window:
         # that found data (the slow-reader rule of pgws cuts a reader off after 1 s of no
         # progress while over max-pending-bytes: longer gaps here are the load generator's)
         self.read_gap = 0.0
+        self.series: dict[int, int] = {}  # WebSocket readers: text frames per whole second
         self.hist: dict[int, int] = {}
         self.lat_max = 0.0
         self.cpu0: float | None = None
@@ -126,7 +127,8 @@ class _Window:
         self.tick(now)
         cpu = (self.cpu1 or cpu_seconds()) - (self.cpu0 or cpu_seconds())
         return {"count": self.count, "binary": self.binary, "hist": self.hist,
-                "lat_max": self.lat_max, "cpu": cpu, "read_gap": self.read_gap}
+                "lat_max": self.lat_max, "cpu": cpu, "read_gap": self.read_gap,
+                "series": self.series}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +345,8 @@ class WsWorker:
         if counting:
             win.count += count
             win.binary += binary
+            second = int(now)
+            win.series[second] = win.series.get(second, 0) + count
         if self.watch_until:
             self.watch_count += count
 

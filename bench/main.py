@@ -158,7 +158,10 @@ def host_info() -> dict[str, Any]:
 
 
 def git_state() -> dict[str, Any]:
-    """The commit measured, and pgws files changed in the working tree (others work in it)."""
+    """
+    The commit, and pgws files changed in the working tree (others work in it): taken at the
+    start and at the end of a run, since pgws may change while it runs.
+    """
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
@@ -216,8 +219,9 @@ def brief(rec: dict[str, Any]) -> str:
         parts.append(f"dropped {rec['drops']}")
     cut = rec.get("cut_off") or {}
     if cut.get("count"):
+        before = rec.get("value_before_cut")
         parts.append(f"{cut['count']} readers cut off as too slow from {cut.get('first_s') or 0:.0f} s "
-                     "after the load began")
+                     "after the load began" + (f" ({before:,.0f}/s before)" if before else ""))
     warn = rec.get("server_warnings") or {}
     if warn.get("count"):
         parts.append(f"pgws warnings {warn['count']}: {warn['first'][0][:120]}")
@@ -241,6 +245,7 @@ class Plan:
     noisy: float
     stamp: str
     out_dir: Path
+    git_at_start: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -256,7 +261,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         quiet=(args.quiet_cores, quiet_wait) if quiet_wait > 0 else None,
         noisy=args.noisy if args.noisy is not None else (0.0 if args.quick else 0.4),
         stamp=datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S") + ("-quick" if args.quick else ""),
-        out_dir=args.out)
+        out_dir=args.out, git_at_start=git_state())
 
 
 def profiled(args: argparse.Namespace, catalogue: dict[str, Any]) -> list[str]:
@@ -372,7 +377,8 @@ def write_results(plan: Plan, records: list[dict[str, Any]], profiles: dict[str,
     slim = [{k: v for k, v in r.items() if k != "hist"} for r in records]
     json_path.write_text(json.dumps({
         "stamp": plan.stamp, "quick": plan.quick, "runs": plan.runs, "interrupted": interrupted,
-        "seconds": time.time() - started, "host": host_info(), "params": vars(plan.params),
+        "seconds": time.time() - started, "host": {**host_info(), "git_at_start": plan.git_at_start},
+        "params": vars(plan.params),
         "scenarios": plan.chosen, "summary": summary, "targets": rows, "profiles": profiles,
         "records": slim,
     }, indent=1, default=str))

@@ -10,7 +10,7 @@ from typing import Any
 NUMERIC = ("value", "p50_ms", "p99_ms", "max_ms", "lg_cpu", "lg_cpu_producer", "srv_cpu",
            "srv_rss_mb", "pg_cpu", "sent_rate", "served", "connections", "rss0_mb", "host_cpu",
            "other_cpu", "per_srv_core", "messages_per_s", "upgrade_ms", "stream_event_ms",
-           "journal_rows")
+           "journal_rows", "value_before_cut", "seconds_before_cut")
 
 
 def _median(values: list[Any]) -> Any:
@@ -101,11 +101,19 @@ def journal_ratios(summary: dict[str, dict[str, Any]], params: Any) -> list[dict
         return {"what": what, "value": value, "target": target,
                 "pass": None if value is None or target is None else ok(value)}
 
+    def before(name: str) -> float | None:
+        s = summary.get(name)
+        return s.get("value_before_cut") if s else None
+
     n = params.journal_readers
     ms = val("journal-resume")
+    on, off = before(f"journal-fanout-{n}"), before(f"fanout-{n}")
     return [
         row(f"journal-fanout-{n} / fanout-{n} (journal on / off), deliveries/s",
             ratio(f"journal-fanout-{n}", f"fanout-{n}"), ">= 0.5", lambda v: v >= 0.5),
+        row(f"journal-fanout-{n} / fanout-{n} while every reader was connected (seconds of the "
+            "window before pgws cut the first one off), deliveries/s",
+            on / off if on is not None and off else None, None, None),
         row(f"journal-fanout-{n}-plain / fanout-{n} (journal on, readers without positions / "
             "off), deliveries/s", ratio(f"journal-fanout-{n}-plain", f"fanout-{n}"), None, None),
         row(f"journal-writers / writers (journal on / off, {params.writers} writers), envelopes/s",

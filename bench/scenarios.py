@@ -187,12 +187,38 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "count": sum(r.get("count", 0) for r in results),
         "binary": sum(r.get("binary", 0) for r in results),
         "read_gap": max((r.get("read_gap", 0.0) for r in results), default=0.0),
+        "series": _sum_series(results),
         "sent": sum(r.get("sent", 0) for r in results),
         "cpu": sum(r.get("cpu", 0.0) for r in results),
         "lat_max": max((r.get("lat_max", 0.0) for r in results), default=0.0),
         "hist": hist,
         "drops": drops,
     }
+
+
+def _sum_series(results: list[dict[str, Any]]) -> dict[int, int]:
+    total: dict[int, int] = {}
+    for r in results:
+        for k, v in (r.get("series") or {}).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def before_cut(series: dict[int, int], timing: dict[str, float],
+               cut: dict[str, Any] | None) -> dict[str, Any]:
+    """
+    Deliveries/s over the whole seconds of the window before pgws cut the first reader off
+    (the log's second), i.e. while every reader was connected; the window's rate if none was.
+    """
+    first = math.ceil(timing["t_start"])
+    end = math.floor(timing["t_end"])
+    if cut and cut.get("count") and cut.get("first_s") is not None:
+        end = min(end, math.floor(timing["t_begin"] + cut["first_s"]))
+    seconds = list(range(first, end))
+    if not seconds:
+        return {"value_before_cut": None, "seconds_before_cut": 0}
+    return {"value_before_cut": sum(series.get(s, 0) for s in seconds) / len(seconds),
+            "seconds_before_cut": len(seconds)}
 
 
 def percentile_ms(hist: dict[int, int], q: float) -> float | None:
@@ -382,11 +408,12 @@ def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_chan
         else:
             messages, sent_rate = prod["sent"], prod["sent"] / duration
         got = merge(res)
+        cut = None if ceiling else server.cut_offs(timing["t_begin"])
         return record(name, "deliveries/s", "deliveries/s", got, win, res + [prod],
                       duration, readers=len(paths), sent_rate=sent_rate, messages=messages,
                       binary_frames=got["binary"], positions=journal and positions,
                       lg_read_gap_ms=got["read_gap"] * 1000,
-                      cut_off=None if ceiling else server.cut_offs(timing["t_begin"]),
+                      cut_off=cut, **before_cut(got["series"], timing, cut),
                       lg_cpu_producer=prod["cpu"] / win["wall"], journal=journal,
                       server_warnings=None if ceiling else server.warnings())
     finally:
