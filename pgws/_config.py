@@ -111,7 +111,8 @@ SETTINGS: tuple[Setting, ...] = (
             "keep messages in PostgreSQL (schema journal-schema) so that readers resume without "
             "loss, nothing is lost across a listener outage or a restart, and payloads may be "
             "large; producers call journal-schema.send(channel, payload)"),
-    Setting("journal-schema", str, "pgws", "the schema pgws creates and owns for the journal"),
+    Setting("journal-schema", str, "pgws",
+            "the schema pgws creates and owns for the journal and for presence"),
     Setting("journal-channels", str, "*",
             'comma-separated channel patterns ("*" wildcards) whose client messages go through '
             "the journal and whose readers get positions"),
@@ -122,6 +123,23 @@ SETTINGS: tuple[Setting, ...] = (
             "journaled messages older than this are pruned (0: no age limit)"),
     Setting("journal-retention-count", int, 10000,
             "at most this many messages are kept per channel (0: no count limit)"),
+    Setting("presence", bool, False,
+            "sockets with the pgws subprotocol may ask who is on their channels and get join / "
+            "leave events, across every pgws process on the database (kept in journal-schema)"),
+    Setting("presence-claim", str, "sub",
+            "the token claim that names a member in presence (sockets whose token lacks it are "
+            "not members)"),
+    Setting("metrics", bool, True, "serve Prometheus metrics at /metrics"),
+    Setting("metrics-token", str, None,
+            'when set, /metrics needs "Authorization: Bearer <this>" (or "@path" to read it '
+            "from a file)"),
+    Setting("metrics-channel-labels", bool, False,
+            "label the per-channel metrics with channel names (one time series per channel: for "
+            "a few fixed channels only)"),
+    Setting("log-format", str, "text",
+            '"text" (lines for people) or "json" (one JSON object a line, for log shippers)'),
+    Setting("log-level", str, "info", 'the least severe level logged: "debug", "info", "warn", '
+            '"error" or "critical"'),
     Setting("certificate-file", str, None, "TLS certificate (PEM): serve wss:// and https://"),
     Setting("key-file", str, None, "TLS private key (PEM) for certificate-file"),
 )
@@ -186,6 +204,13 @@ class Config:
     journal_max_payload: int = _default("journal_max_payload")
     journal_retention_seconds: int = _default("journal_retention_seconds")
     journal_retention_count: int = _default("journal_retention_count")
+    presence: bool = _default("presence")
+    presence_claim: str = _default("presence_claim")
+    metrics: bool = _default("metrics")
+    metrics_token: str | None = field(default=_default("metrics_token"), repr=False)
+    metrics_channel_labels: bool = _default("metrics_channel_labels")
+    log_format: str = _default("log_format")
+    log_level: str = _default("log_level")
 
     @property
     def embedded(self) -> bool:
@@ -378,6 +403,7 @@ def _validate(values: dict[str, Any]) -> Config:
     if root is not None and not os.path.isdir(root):
         raise ConfigError(f'"server-root": {root} is not a directory')
     _check_journal(values)
+    _check_choices(values)
     for name in ("audit-channel", "listen-channel", "meta-channel"):
         if values[name] is not None:
             try:
@@ -399,6 +425,26 @@ def _validate(values: dict[str, Any]) -> Config:
 
 def _patterns(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("log-format", ("text", "json")),
+    ("log-level", ("debug", "info", "warn", "error", "critical")),
+)
+
+
+def _check_choices(values: dict[str, Any]) -> None:
+    for key, choices in _CHOICES:
+        values[key] = values[key].strip().lower()
+        if values[key] not in choices:
+            raise ConfigError(f'"{key}": must be one of {", ".join(choices)}, got '
+                              f"{_show(values[key])}")
+    if values["metrics-token"] is not None:
+        values["metrics-token"] = _read_at_path(values["metrics-token"], "metrics-token").strip()
+        if not values["metrics-token"]:
+            raise ConfigError('"metrics-token" is empty')
+    if values["presence"] and not values["presence-claim"].strip():
+        raise ConfigError('"presence-claim" is empty')
 
 
 def _check_journal(values: Mapping[str, Any]) -> None:
