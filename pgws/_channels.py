@@ -42,6 +42,9 @@ class Reader(Protocol):
         """Send pre-built WebSocket frames, one or more back to back, to this reader (never
         blocks, never raises)."""
 
+    def pending(self) -> int:
+        """Bytes written to this reader that its connection has not sent yet."""
+
 
 class ListenTarget(Protocol):
     def listen(self, channel: str) -> None: ...
@@ -97,6 +100,11 @@ class ChannelRegistry:
 
     def readers(self, channel: str) -> int:
         return len(self._readers.get(channel, ()))
+
+    def behind(self, channel: str, limit: int) -> tuple[int, int]:
+        """(readers of C{channel} with more than C{limit} bytes not sent yet, all its readers)."""
+        readers = self._readers.get(channel, ())
+        return sum(1 for reader in readers if reader.pending() > limit), len(readers)
 
     def hold(self, channel: str, reader: Reader) -> None:
         """Journaled messages of C{channel} skip C{reader} until L{release} (it is replaying)."""

@@ -64,6 +64,14 @@ FETCH_BYTES = 16 * 1024 * 1024
 QUERY_DEADLINE = 5.0
 # The journal reads no more while this many entries wait in the fan-out.
 FANOUT_ROOM = 5000
+# Nor, for a while, while more than 1 in PACE_SHARE of a channel's readers have more than the
+# relay's pace bytes not sent yet: the rows wait in the table, and the readers are not driven
+# past the slow-reader cut-off by a journal that reads faster than they take.  A minority that
+# falls behind does not slow the others (it is cut off and resumes from the table), and a wait
+# never lasts more than PACE_LIMIT seconds (a stalled majority is cut off after that).
+PACE_SHARE = 10
+PACE_STEP = 0.02
+PACE_LIMIT = 2.0
 # Retention: rows deleted per statement, and seconds between prunings.
 PRUNE_BATCH = 10_000
 PRUNE_INTERVAL = 10.0
@@ -151,8 +159,13 @@ class Journal:
 
     def __init__(self, reactor: IReactorTime, db: Database, schema: str,
                  journaled: Callable[[str], bool], max_payload: int, retention_seconds: int,
-                 retention_count: int) -> None:
+                 retention_count: int, pace_bytes: int = 0) -> None:
+        """
+        @param pace_bytes: reads of a channel wait while its readers have more than this many
+            bytes not sent yet (see L{PACE_SHARE}); 0: they never wait for readers.
+        """
         self._reactor = reactor
+        self._pace_bytes = pace_bytes
         self._db = db
         self.schema = schema
         self.wake_channel = wake_channel(schema)
@@ -301,6 +314,7 @@ class Journal:
                 stream.again = False
                 while self._no_room():
                     await sleep(self._reactor, 0.01)
+                await self._paced(stream.channel)
                 try:
                     rows = await self._rows(stream.channel, stream.fetched)
                 except Exception as e:
@@ -318,6 +332,17 @@ class Journal:
                     stream.again = True  # there may be more
         finally:
             stream.reading = False
+
+    async def _paced(self, channel: str) -> None:
+        """Wait (bounded) while too many of C{channel}'s readers are behind (L{PACE_SHARE})."""
+        assert self._registry is not None
+        if not self._pace_bytes:
+            return
+        for _ in range(int(PACE_LIMIT / PACE_STEP)):
+            behind, readers = self._registry.behind(channel, self._pace_bytes)
+            if behind * PACE_SHARE <= readers:
+                return
+            await sleep(self._reactor, PACE_STEP)
 
     def _no_room(self) -> bool:
         assert self._backlog is not None

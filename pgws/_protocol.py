@@ -196,6 +196,9 @@ class RelayProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN and self._writer is not None:
             self._writer.write(frames)
 
+    def pending(self) -> int:
+        return self._writer.pending() if self._writer is not None else 0
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.state != self.STATE_OPEN or self.session is None:
             return  # closing: what arrives now is not relayed

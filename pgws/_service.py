@@ -81,7 +81,10 @@ class Relay(service.Service):
         if journaled is not None:
             self.journal = Journal(reactor, notify_pool, config.journal_schema, journaled,
                                    config.journal_max_payload, config.journal_retention_seconds,
-                                   config.journal_retention_count)
+                                   config.journal_retention_count,
+                                   # Under the slow-reader cut-off (max-pending-bytes), with
+                                   # room for the read in flight.
+                                   pace_bytes=config.max_pending_bytes // 2)
         self.listener = Listener(
             reactor,
             self.db_uri,

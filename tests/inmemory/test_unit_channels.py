@@ -39,6 +39,10 @@ class Reader:
         self.name = name
         self.writes: list[bytes] = []
         self.on_write: Any = None
+        self.unsent = 0
+
+    def pending(self) -> int:
+        return self.unsent
 
     def write_frames(self, frames: bytes) -> None:
         self.writes.append(frames)
@@ -245,3 +249,14 @@ def test_the_last_reader_removed_by_its_own_write_unlistens():
     assert registry.deliver("room", [b"x"]) == 1
     assert listener.commands == ["LISTEN room", "UNLISTEN room"]
     assert registry.deliver("room", [b"y"]) == 0
+
+
+def test_behind_counts_the_readers_of_a_channel_over_a_limit():
+    registry = ChannelRegistry(Listener())
+    a, b, c = Reader("a"), Reader("b"), Reader("c")
+    for reader in (a, b):
+        registry.add("room", reader)
+    registry.add("other", c)
+    a.unsent, b.unsent, c.unsent = 101, 100, 10**6
+    assert registry.behind("room", 100) == (1, 2)
+    assert registry.behind("nobody", 100) == (0, 0)

@@ -439,6 +439,9 @@ class SocketReader:
     def write_frames(self, frames: bytes) -> None:
         self.writer.write(frames)
 
+    def pending(self) -> int:
+        return self.writer.pending()
+
 
 def test_a_prompt_reader_is_not_cut_off_by_one_run_when_max_pending_is_small():
     clock = MemoryReactorClock()

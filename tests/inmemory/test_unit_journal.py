@@ -19,7 +19,7 @@ from pgws._auth import Refusal
 from pgws._channels import ChannelRegistry, position_frames
 from pgws._fanout import Fanout
 from pgws._frames import binary_frame, text_frame
-from pgws._journal import FETCH_ROWS, Journal, Resume, matcher, parse_resume
+from pgws._journal import FETCH_ROWS, PACE_LIMIT, PACE_STEP, Journal, Resume, matcher, parse_resume
 
 # -- the resume request -------------------------------------------------------------------------
 
@@ -96,6 +96,10 @@ class Reader:
     def __init__(self, positions: bool) -> None:
         self.wants_positions = positions
         self.written: list[bytes] = []
+        self.unsent = 0
+
+    def pending(self) -> int:
+        return self.unsent
 
     def write_frames(self, frames: bytes) -> None:
         self.written.append(frames)
@@ -221,9 +225,10 @@ class Tables:
         return defer.succeed(None)
 
 
-def journal_over(tables: Tables) -> tuple[Journal, ChannelRegistry, Fanout, MemoryReactorClock]:
+def journal_over(tables: Tables, pace_bytes: int = 0,
+                 ) -> tuple[Journal, ChannelRegistry, Fanout, MemoryReactorClock]:
     clock = MemoryReactorClock()
-    journal = Journal(clock, tables, "pgws", matcher(["*"]), 1000, 0, 0)
+    journal = Journal(clock, tables, "pgws", matcher(["*"]), 1000, 0, 0, pace_bytes=pace_bytes)
     journal.migrated = True
     registry = ChannelRegistry(Target())
     fanout = Fanout(clock, registry, journal=journal)
@@ -289,6 +294,62 @@ def test_after_a_reconnect_every_stream_reads_what_it_missed():
     tables.send("c", "missed")  # its wake-up was lost with the session
     journal.recovered()
     assert reader.written == [position_frames("c", [(1, "missed")])]
+
+
+def paced(readers: int, behind: int) -> tuple[Tables, Journal, list[Reader], MemoryReactorClock]:
+    """A journal pacing at 1000 bytes, C{behind} of its C{readers} having 5000 not sent."""
+    tables = Tables()
+    journal, registry, _, clock = journal_over(tables, pace_bytes=1000)
+    group = [Reader(True) for _ in range(readers)]
+    for i, reader in enumerate(group):
+        reader.unsent = 5000 if i < behind else 0
+        registry.add("c", reader)
+    journal.watch("c")
+    tables.send("c", "a")
+    journal.woken(["c"])
+    return tables, journal, group, clock
+
+
+def seqs_of(reader: Reader) -> list[int]:
+    return [int(m) for m in re.findall(rb'"seq":(\d+)', b"".join(reader.written))]
+
+
+def test_reads_wait_while_most_readers_are_behind_and_go_on_once_they_catch_up():
+    _, _, group, clock = paced(readers=10, behind=5)
+    assert seqs_of(group[9]) == []  # the rows wait in the table
+    clock.advance(0.1)
+    assert seqs_of(group[9]) == []
+    for reader in group:
+        reader.unsent = 0
+    clock.advance(0.05)
+    assert seqs_of(group[9]) == [1]
+
+
+def test_one_reader_in_ten_behind_does_not_slow_the_others():
+    _, _, group, _ = paced(readers=10, behind=1)
+    assert seqs_of(group[9]) == [1]
+
+
+def test_a_stalled_majority_holds_reads_back_only_for_a_while():
+    # Readers that take nothing are cut off by the slow-reader rule once written to again.
+    _, _, group, clock = paced(readers=4, behind=4)
+    steps = round(PACE_LIMIT / PACE_STEP)
+    clock.pump([PACE_STEP] * (steps - 2))
+    assert seqs_of(group[0]) == []
+    clock.pump([PACE_STEP] * 4)
+    assert seqs_of(group[0]) == [1]
+
+
+def test_no_pacing_without_pace_bytes():
+    tables = Tables()
+    journal, registry, _, _ = journal_over(tables)
+    reader = Reader(True)
+    reader.unsent = 10**9
+    registry.add("c", reader)
+    journal.watch("c")
+    tables.send("c", "a")
+    journal.woken(["c"])
+    assert seqs_of(reader) == [1]
 
 
 def open_reader(journal: Journal, registry: ChannelRegistry, reader: Reader,
