@@ -16,6 +16,8 @@ setup(
     python_requires=">=3.11",
     packages=["pgws", "twisted.plugins"],
     package_data={"twisted.plugins": ["pgws_plugin.py"]},
+    # `pgws token ...`; the server itself runs as `twistd -n pgws`.
+    entry_points={"console_scripts": ["pgws = pgws.__main__:main"]},
     install_requires=[
         "twisted[tls]==26.10.0",
         "autobahn==26.10.2",
