@@ -120,6 +120,22 @@ def connect(url: str, *, token: TokenSource, channel: str | None = None,
                   open_timeout=open_timeout, ssl=ssl)
 
 
+def _socket_opener() -> Callable[..., Awaitable[ClientSocket]]:
+    """Autobahn's asyncio flavour, loaded only now (see the module docstring)."""
+    try:
+        from pgws._client_socket import open_socket
+    except RuntimeError as e:  # txaio: "Explicitly using 'twisted' already"
+        raise _Unusable(
+            "pgws.client runs on asyncio, and this process already runs Autobahn on Twisted "
+            f"(txaio allows one framework per process: {e}); run the client in a process of "
+            "its own") from None
+    return open_socket
+
+
+class _Unusable(ClientError):
+    """This process cannot run the client at all."""
+
+
 class _End:
     """The end of the items: iteration stops, or raises the error that stopped the client."""
 
@@ -282,6 +298,8 @@ class Client:
                 delay = self._backoff.next()
                 self._event(Disconnected(code, reason, delay, status))
                 await self._sleep(delay)
+        except _Unusable as e:
+            self._stop(e)
         except Exception as e:  # a bug here must end the client loudly, not hang it
             _log.exception("pgws client stopped by an error")
             self._stop(ClientError(f"the client failed: {e!r}"))
@@ -296,12 +314,14 @@ class Client:
             token = await self._fresh_token()
         except Exception as e:
             return None, f"the token callback failed: {e!r}", None
+        facts = token_facts(token, self.channel)
         if self._positions is None:
-            facts = token_facts(token, self.channel)
-            self._positions = Positions(facts.channels, self._initial)
-        self.read_only = token_facts(token).mode == "r"
+            # A write-only socket reads nothing: no channel of it can have a gap.
+            self._positions = Positions(() if facts.mode == "w" else facts.channels,
+                                        self._initial)
+        self.read_only = facts.mode == "r"
         url = socket_url(self.url, self.channel, self._positions.resume(), self._history)
-        from pgws._client_socket import open_socket  # Autobahn (asyncio) only from here on
+        open_socket = _socket_opener()
 
         closed: asyncio.Future[tuple[int | None, str, int | None]]
         closed = self._socket_closed = asyncio.get_running_loop().create_future()
