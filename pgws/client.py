@@ -183,7 +183,8 @@ class Client:
         self._wake: asyncio.Event | None = None  # cuts a back-off sleep short on close()
         self._closing = False
         self._error: ClientError | None = None  # why the client stopped, if not asked to
-        self.read_only = False
+        # A read-only token's messages would be dropped by pgws: send() refuses them.
+        self.read_only = isinstance(token, str) and token_facts(token).mode == "r"
 
     # -- what the application calls ---------------------------------------------------------------
 
