@@ -366,6 +366,8 @@ class Client:
             socket.sendClose(1000)
             return
         self._socket = socket
+        if self._paused:  # the application is still behind: this socket waits too
+            socket.pause_reading()
         self._attempts += 1
         self._opened_at = time.monotonic()
         self._event(Connected(self._attempts, public_url(socket.factory.url)))
