@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl as ssl_module
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from autobahn.asyncio.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.util import parse_url
+
+from pgws._client_wire import redact
 
 __all__ = ["Sink", "open_socket"]
 
@@ -30,9 +33,35 @@ class Sink(Protocol):
     def closed(self, code: int | None, reason: str, status: int | None) -> None: ...
 
 
+class _RedactedLog:
+    """
+    Autobahn's logger for this socket, each line through L{redact}: at debug level Autobahn logs
+    the handshake request, whose C{Sec-WebSocket-Protocol} header carries the token.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        method = getattr(self._inner, level)
+
+        def log(format: str = "", **kwargs: Any) -> None:
+            if level == "failure":  # log.failure(format, failure=None, ...): keep its shape
+                method(format, **kwargs)
+                return
+            try:
+                text = format.format(**kwargs)
+            except (KeyError, IndexError, ValueError):
+                text = format
+            method("{line}", line=redact(text))
+
+        return log
+
+
 class ClientSocket(WebSocketClientProtocol):
     factory: WebSocketClientFactory
     sink: Sink
+    log = _RedactedLog(WebSocketClientProtocol.log)
     refused: tuple[int, str] | None = None  # the status and body of a refused handshake
 
     def onOpen(self) -> None:

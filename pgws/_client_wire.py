@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 __all__ = ["BEARER_PREFIX", "SUBPROTOCOL", "Control", "TokenFacts", "offered_protocols",
-           "parse_control", "public_url", "refresh_request", "socket_url", "token_facts"]
+           "parse_control", "public_url", "redact", "refresh_request", "socket_url", "token_facts"]
 
 # As pgws._credentials (which imports the server's token checks): pgws answers "pgws" and never
 # echoes the "pgws.bearer.<jwt>" one, so the token stays out of URLs and proxies' logs.
@@ -25,6 +26,14 @@ BEARER_PREFIX = "pgws.bearer."
 
 def offered_protocols(token: str) -> list[str]:
     return [SUBPROTOCOL, BEARER_PREFIX + token]
+
+
+_BEARER = re.compile(re.escape(BEARER_PREFIX) + r"[^\s,]*")
+
+
+def redact(text: str) -> str:
+    """C{text} (a log line) with the token of every C{pgws.bearer.<jwt>} subprotocol hidden."""
+    return _BEARER.sub(BEARER_PREFIX + "<token>", text)
 
 
 def socket_url(base: str, channel: str | None, resume: Mapping[str, tuple[int, str]],

@@ -170,7 +170,8 @@ class Client:
         self._token = token if isinstance(token, str) else None
         self._items: asyncio.Queue[Message | Gap | _End] = asyncio.Queue()
         self._outgoing: deque[str] = deque()  # written on the next open
-        self._socket: ClientSocket | None = None
+        self._socket: ClientSocket | None = None  # the open socket
+        self._connecting: ClientSocket | None = None  # the socket of the attempt under way
         self._paused = False
         self._attempts = 0
         self._opened_at = 0.0
@@ -214,6 +215,8 @@ class Client:
         socket = self._socket
         if socket is not None:
             socket.sendClose(1000)
+        elif self._connecting is not None:  # in its opening handshake: nothing to say goodbye to
+            self._connecting.dropConnection(abort=True)
         if self._runner is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
@@ -327,11 +330,15 @@ class Client:
         closed: asyncio.Future[tuple[int | None, str, int | None]]
         closed = self._socket_closed = asyncio.get_running_loop().create_future()
         try:
-            await open_socket(url, offered_protocols(token), self, ssl=self._ssl,
-                              ping_interval=self._ping_interval, open_timeout=self._open_timeout)
+            self._connecting = await open_socket(
+                url, offered_protocols(token), self, ssl=self._ssl,
+                ping_interval=self._ping_interval, open_timeout=self._open_timeout)
         except (TimeoutError, OSError) as e:
             return None, f"cannot connect: {e}", None
-        return await closed
+        try:
+            return await closed
+        finally:
+            self._connecting = None
 
     async def _fresh_token(self) -> str:
         source = self._token_source

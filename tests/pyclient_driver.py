@@ -10,7 +10,8 @@ C{async for} over the items, C{on_event}, and a token callback that mints tokens
 
 Settings: C{url}, C{channel}, C{claims}, C{secret}, C{ttl} (seconds a minted token lives; None:
 no exp), C{static} (a fixed token instead of the callback), C{refresh_ahead}, C{positions}
-(channel -> [seq, epoch]), C{history}, C{max_queued}, C{backoff} ([first, cap]).
+(channel -> [seq, epoch]), C{history}, C{max_queued}, C{backoff} ([first, cap]), C{debug_log}
+(Autobahn's debug log to stderr).
 
 Out, one JSON object a line: C{{"kind": "token", "n", "exp"}} for each token minted,
 C{{"kind": "event", "type", ...}}, C{{"kind": "item", "type": "Message"|"Gap", ...}},
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import json
 import sys
 import time
@@ -57,8 +59,9 @@ class Tokens:
         claims = dict(self.claims)
         if self.ttl is not None:
             claims["exp"] = time.time() + self.ttl
-        say("token", n=self.minted, exp=claims.get("exp"))
-        return jwt.encode(claims, self.secret, algorithm="HS256")
+        jwt_text = jwt.encode(claims, self.secret, algorithm="HS256")
+        say("token", n=self.minted, exp=claims.get("exp"), jwt=jwt_text)
+        return jwt_text
 
 
 async def commands(client: pgws.client.Client, done: asyncio.Event) -> None:
@@ -79,6 +82,17 @@ async def commands(client: pgws.client.Client, done: asyncio.Event) -> None:
 
 
 async def main(settings: dict[str, Any]) -> None:
+    if settings.get("debug_log"):  # everything Autobahn logs, to stderr
+        import logging
+
+        import txaio
+
+        # txaio on asyncio, as the client's first connection does (a plain import would make
+        # "pgws" a local name of this function).
+        importlib.import_module("pgws._client_socket")
+
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+        txaio.set_global_log_level("debug")  # type: ignore[attr-defined]
     tokens = Tokens(settings.get("claims", {"mode": "r"}), settings["secret"], settings.get("ttl"))
     token: Any = tokens() if settings.get("static") else tokens
     first, cap = settings.get("backoff", [0.05, 0.5])

@@ -138,6 +138,24 @@ def test_importing_the_client_loads_neither_twisted_nor_autobahn():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_token_is_in_no_url_and_in_no_log_line_even_at_debug_level(db_uri, db: Db):
+    server = await start_server(db_uri)
+    client = Driver(url(server.port), channel="lg", debug_log=True)
+    try:
+        connected = await client.until_event("Connected")
+        db.notify("lg", "hello")
+        await client.until(lambda: client.messages() == [(None, "hello")], "the message")
+        jwt_text = client.of("token")[0]["jwt"]
+        assert connected["url"] == f"ws://127.0.0.1:{server.port}/lg"
+        await client.stop()
+        assert "pgws.bearer.<token>" in client.stderr  # the handshake request was logged
+        assert jwt_text not in client.stderr
+    finally:
+        await client.stop()
+        await server.stop()
+
+
 # -- the journal: exactly once, in order, across faults --------------------------------------------
 
 

@@ -23,6 +23,7 @@ from pgws._client_wire import (
     offered_protocols,
     parse_control,
     public_url,
+    redact,
     refresh_request,
     socket_url,
     token_facts,
@@ -116,6 +117,13 @@ def test_the_url_names_the_channel_and_the_token_travels_as_a_subprotocol():
     assert (SUBPROTOCOL, BEARER_PREFIX) == (_credentials.SUBPROTOCOL, _credentials.BEARER_PREFIX)
     assert _credentials.locate(path, {}, protocols) == ("test channel/é", jwt_text)
     assert _credentials.accepted_subprotocol(protocols) == "pgws"
+
+
+def test_log_lines_never_show_the_offered_token():
+    jwt_text = token(mode="r")
+    line = f"Sec-WebSocket-Protocol: pgws,pgws.bearer.{jwt_text}\r\nHost: 127.0.0.1:3000"
+    assert redact(line) == "Sec-WebSocket-Protocol: pgws,pgws.bearer.<token>\r\nHost: 127.0.0.1:3000"
+    assert redact(", ".join(offered_protocols(jwt_text))) == "pgws, pgws.bearer.<token>"
 
 
 def test_without_a_channel_the_path_is_the_root_or_the_mount_point():
