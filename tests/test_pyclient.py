@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,11 @@ class Driver:
                 raise
 
 
+def fresh(name: str) -> str:
+    """A channel of this test's own: plain NOTIFYs reach every pgws on the database."""
+    return f"{name}_{uuid.uuid4().hex[:8]}"
+
+
 def url(port: int) -> str:
     return f"ws://127.0.0.1:{port}"
 
@@ -141,13 +147,14 @@ def test_importing_the_client_loads_neither_twisted_nor_autobahn():
 @pytest_twisted.ensureDeferred
 async def test_the_token_is_in_no_url_and_in_no_log_line_even_at_debug_level(db_uri, db: Db):
     server = await start_server(db_uri)
-    client = Driver(url(server.port), channel="lg", debug_log=True)
+    channel = fresh("lg")
+    client = Driver(url(server.port), channel=channel, debug_log=True)
     try:
         connected = await client.until_event("Connected")
-        db.notify("lg", "hello")
+        db.notify(channel, "hello")
         await client.until(lambda: client.messages() == [(None, "hello")], "the message")
         jwt_text = client.of("token")[0]["jwt"]
-        assert connected["url"] == f"ws://127.0.0.1:{server.port}/lg"
+        assert connected["url"] == f"ws://127.0.0.1:{server.port}/{channel}"
         await client.stop()
         assert "pgws.bearer.<token>" in client.stderr  # the handshake request was logged
         assert jwt_text not in client.stderr
@@ -276,19 +283,20 @@ async def test_a_position_within_retention_replays_exactly_what_is_missing(db_ur
 @pytest_twisted.ensureDeferred
 async def test_a_listen_loss_without_the_journal_is_a_gap_between_the_messages(db_uri, db: Db):
     server = await start_server(db_uri)
-    client = Driver(url(server.port), channel="pg")
+    channel = fresh("pg")
+    client = Driver(url(server.port), channel=channel)
     try:
         await client.until_event("Connected")
-        db.notify("pg", "before")
+        db.notify(channel, "before")
         await client.until(lambda: client.messages() == [(None, "before")], "the first message")
         assert server.terminate_listener(db) == 1
         await client.until(lambda: client.of("item", "Gap"), "the gap")
-        db.notify("pg", "after")
+        db.notify(channel, "after")
         await client.until(lambda: len(client.messages()) == 2, "the second message")
         items = client.items()
         assert [(i["type"], i.get("text"), i.get("reason")) for i in items] == [
             ("Message", "before", None), ("Gap", None, "listen"), ("Message", "after", None)]
-        assert items[0]["channel"] == "pg" and items[1]["channels"] == ["pg"]
+        assert items[0]["channel"] == channel and items[1]["channels"] == [channel]
         assert len(client.of("event", "Connected")) == 1  # the socket stayed open
     finally:
         await client.stop()
@@ -301,7 +309,8 @@ async def test_a_listen_loss_without_the_journal_is_a_gap_between_the_messages(d
 @pytest_twisted.ensureDeferred
 async def test_the_token_is_refreshed_in_place_before_it_expires(db_uri, db: Db):
     server = await start_server(db_uri)
-    client = Driver(url(server.port), channel="rf", ttl=3, refresh_ahead=1.5)
+    channel = fresh("rf")
+    client = Driver(url(server.port), channel=channel, ttl=3, refresh_ahead=1.5)
     try:
         await client.until_event("Connected")
         first_exp = client.of("token")[0]["exp"]
@@ -309,7 +318,7 @@ async def test_the_token_is_refreshed_in_place_before_it_expires(db_uri, db: Db)
         assert refreshed["exp"] == pytest.approx(client.of("token")[1]["exp"])
         # Past the first token's exp: the socket it opened still reads.
         await until(wall_clock_past(first_exp + 0.5), "the first token's exp passes")
-        db.notify("rf", "after the first exp")
+        db.notify(channel, "after the first exp")
         await client.until(lambda: client.messages() == [(None, "after the first exp")],
                            "the message sent after the first exp")
         assert len(client.of("event", "Connected")) == 1
@@ -393,8 +402,9 @@ def listen_again(server: Server) -> None:
 async def test_sends_while_disconnected_are_queued_up_to_max_queued_then_sent_in_order(
         db_uri, db: Db):
     server = await start_server(db_uri)
-    db.listen("sq")
-    client = Driver(url(server.port), channel="sq", claims={"mode": "rw"}, max_queued=3)
+    channel = fresh("sq")
+    db.listen(channel)
+    client = Driver(url(server.port), channel=channel, claims={"mode": "rw"}, max_queued=3)
     try:
         await client.until_event("Connected")
         await outage(server)
@@ -415,7 +425,7 @@ async def test_sends_while_disconnected_are_queued_up_to_max_queued_then_sent_in
         await client.until(lambda: len(client.messages()) == 3, "its own messages back")
         items = client.items()
         assert (items[0]["type"], items[0]["reason"], items[0]["channels"]) == \
-            ("Gap", "disconnected", ["sq"])
+            ("Gap", "disconnected", [channel])
         assert [json.loads(i["text"])["payload"] for i in items[1:]] == ["q1", "q2", "q3"]
     finally:
         await client.stop()
