@@ -430,3 +430,34 @@ async def test_sends_while_disconnected_are_queued_up_to_max_queued_then_sent_in
     finally:
         await client.stop()
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconnect_is_a_gap_only_for_the_plain_channel_of_a_socket_that_reads_two(
+        db_uri, db: Db, schema):
+    server = await journal_server(db_uri, schema, journal_channels="jr*")
+    plain = fresh("plain")
+    client = Driver(url(server.port), claims={"mode": "r", "channels": ["jr1", plain]})
+    try:
+        await client.until_event("Stream")
+        send(db, schema, "jr1", "m1")
+        await client.until_seq(1)
+        await outage(server)
+        await client.until_event("Disconnected")
+        send(db, schema, "jr1", "m2")  # while the client is away
+        db.notify(plain, "lost")  # reaches no one
+        listen_again(server)
+        await client.until_event("Connected", 2)
+        send(db, schema, "jr1", "m3")
+        db.notify(plain, "after")
+        await client.until(lambda: client.last_seq() == 3 and (None, "after") in client.messages(),
+                           "m3 and the plain message after the reconnect")
+        assert [(g["reason"], g["channels"]) for g in client.of("item", "Gap")] == \
+            [("disconnected", [plain])]
+        assert [m for m in client.messages() if m[0] is not None] == [(1, "m1"), (2, "m2"), (3, "m3")]
+        assert (None, "lost") not in client.messages()
+        [_, resumed] = client.of("event", "Stream")
+        assert (resumed["channel"], resumed["recovered"]) == ("jr1", True)
+    finally:
+        await client.stop()
+        await server.stop()
