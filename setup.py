@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=["pgws", "twisted.plugins"],
-    package_data={"twisted.plugins": ["pgws_plugin.py"]},
+    package_data={"twisted.plugins": ["pgws_plugin.py"], "pgws": ["static/pgws.js"]},
     install_requires=[
         "twisted[tls]==26.10.0",
         "autobahn==26.10.2",
