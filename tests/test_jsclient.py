@@ -26,7 +26,7 @@ from test_twistd import Twistd, free_port
 from twisted.internet import reactor
 from twisted.web import server as web_server
 
-from support import SECRET, Db, token
+from support import SECRET, Db, start_server, token
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # twisted.web.static warns on import
@@ -249,3 +249,64 @@ async def test_token_callback_refreshes_before_exp_and_renews_after_3001(db_uri,
         for process in pgws_processes:
             if process.proc.poll() is None:
                 await process.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sends_while_disconnected_are_queued_bounded_and_handed_back(db_uri, tmp_path):
+    pgws = await start_server(db_uri)  # no server-root: it serves /pgws.js all the same
+    nobody = free_port()  # nothing listens there: every opening handshake fails
+
+    def session(browser: Any) -> None:
+        options = {"url": f"ws://127.0.0.1:{nobody}", "channel": CHANNEL,
+                   "token": token({"mode": "rw"}), "minDelay": 50, "maxFailedOpens": 3,
+                   "maxQueue": 2}
+        page_port = page_site(tmp_path / "page", pgws.port, options)
+        page = browser.new_page()
+        watch = PageWatch(page)
+        page.goto(f"http://127.0.0.1:{page_port}/")
+        page.wait_for_function("window.conn !== undefined")
+        result = page.evaluate("""() => {
+            const queued = [window.conn.send("a"), window.conn.send("b")];
+            let refused = null;
+            try { window.conn.send("c"); } catch (e) { refused = e.name + ": " + e.message; }
+            return { queued, refused, count: window.conn.queued };
+        }""")
+        assert result == {"queued": [False, False], "count": 2,
+                          "refused": "PgwsError: pgws: 2 messages already wait for the connection "
+                                     "(maxQueue); not queued"}
+        # It gives up after 3 failed handshakes and hands the queue back with its last close.
+        wait_for(page, "window.conn.state === 'closed'")
+        closes = events(page, "close")
+        assert [c["reconnect"] for c in closes] == [True, True, False]
+        assert closes[-1]["unsent"] == ["a", "b"]
+        assert closes[-1]["why"] == "3 opening handshakes in a row failed"
+        assert page.evaluate("""() => { try { window.conn.send("d"); return "sent"; }
+                                        catch (e) { return e.message; } }""") == (
+            "pgws: the connection is closed; not sent")
+        watch.check()
+
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_hands_back_what_was_queued(db_uri, tmp_path):
+    pgws = await start_server(db_uri)
+
+    def session(browser: Any) -> None:
+        options = {"url": f"ws://127.0.0.1:{free_port()}", "token": token({"mode": "rw"}),
+                   "minDelay": 60_000}
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{page_site(tmp_path / 'page', pgws.port, options)}/")
+        wait_for(page, "window.conn.state === 'waiting'")
+        assert page.evaluate("window.conn.send('x')") is False
+        assert page.evaluate("window.conn.close()") == ["x"]
+        assert page.evaluate("window.conn.state") == "closed"
+        assert events(page, "close")[-1]["reconnect"] is False
+
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
