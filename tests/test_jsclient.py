@@ -258,7 +258,7 @@ async def test_sends_while_disconnected_are_queued_bounded_and_handed_back(db_ur
 
     def session(browser: Any) -> None:
         options = {"url": f"ws://127.0.0.1:{nobody}", "channel": CHANNEL,
-                   "token": token({"mode": "rw"}), "minDelay": 50, "maxFailedOpens": 3,
+                   "token": token({"mode": "rw"}), "minDelay": 1000, "maxFailedOpens": 3,
                    "maxQueue": 2}
         page_port = page_site(tmp_path / "page", pgws.port, options)
         page = browser.new_page()
