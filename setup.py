@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=["pgws", "twisted.plugins"],
-    package_data={"twisted.plugins": ["pgws_plugin.py"]},
+    package_data={"twisted.plugins": ["pgws_plugin.py"], "pgws": ["static/pgws.js"]},
     # `pgws token ...`; the server itself runs as `twistd -n pgws`.
     entry_points={"console_scripts": ["pgws = pgws.__main__:main"]},
     install_requires=[

@@ -1,5 +1,8 @@
-// pgws example client: plain JS, no build step, nothing fetched from elsewhere.
+// pgws example client: plain JS, no build step, nothing fetched from elsewhere. An ES module
+// that uses pgws.js, the client pgws serves itself at /pgws.js.
 // All data is put into the page with textContent (never innerHTML).
+import { connect as pgwsConnect } from '/pgws.js';
+
 (function () {
   'use strict';
 
@@ -16,8 +19,6 @@
   };
 
   var MAX_ENTRIES = 200;
-  var AUDIT_RETRY_MIN_MS = 1000;
-  var AUDIT_RETRY_MAX_MS = 30000;
 
   var CLOSE_CODES = {
     1000: 'normal closure',
@@ -95,12 +96,6 @@
     el.textContent = text;
   }
 
-  // Reads a frame as text (text frames arrive as strings, binary ones as ArrayBuffer).
-  function frameText(data) {
-    if (typeof data === 'string') return data;
-    try { return new TextDecoder().decode(data); } catch (e) { return String(data); }
-  }
-
   // Returns the envelope object if the text is a pgws message envelope, else null.
   function parseEnvelope(text) {
     var obj;
@@ -163,7 +158,13 @@
     if (nearBottom) list.scrollTop = list.scrollHeight;
   }
 
-  // ---------------------------------------------------------------- chat socket
+  // ---------------------------------------------------------------- connections (pgws.js)
+
+  // Each pane is a pgws.js connection: the token travels in the "pgws.bearer.<jwt>"
+  // subprotocol (never in the URL), and pgws.js reconnects by itself with back-off.
+  function seconds(ms) { return (ms / 1000).toFixed(1) + ' s'; }
+
+  // ---------------------------------------------------------------- chat connection
 
   var channelInput = $('channel');
   var choice = $('token-choice');
@@ -177,7 +178,7 @@
   var sendNote = $('send-note');
   var messagesEl = $('messages');
 
-  var ws = null;          // current chat socket
+  var conn = null;        // current chat connection
   var wsMode = '';        // mode claim of the token it was opened with
 
   function currentToken() {
@@ -193,9 +194,10 @@
     claimsOut.textContent = claims ? JSON.stringify(claims) : '(not a readable JWT; the server will refuse it)';
   }
 
+  function active(c) { return c !== null && c.state !== 'closed'; }
+
   function updateButton() {
-    var active = ws && (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN);
-    connectBtn.textContent = active ? 'Disconnect' : 'Connect';
+    connectBtn.textContent = active(conn) ? 'Disconnect' : 'Connect';
   }
 
   function connect() {
@@ -219,56 +221,61 @@
     var note = (typeof claims.channel === 'string' && channel && claims.channel !== channel)
       ? ' (the token\'s channel claim overrides "' + channel + '")' : '';
 
-    var sock;
+    var c;
     try {
-      sock = new WebSocket(wsUrl(channel, token));
+      c = pgwsConnect({ url: wsBase(), channel: channel || null, token: token });
     } catch (e) {
       setStatus(statusEl, 'closed', 'not connected: ' + e.message);
       return;
     }
-    sock.binaryType = 'arraybuffer';
-    ws = sock;
+    conn = c;
     wsMode = asText(claims.mode);
     var wasOpen = false;
     setStatus(statusEl, 'connecting', 'connecting…');
     updateButton();
 
-    sock.onopen = function () {
-      if (ws !== sock) return;
+    c.on('open', function () {
+      if (conn !== c) return;
       wasOpen = true;
       setStatus(statusEl, 'open', 'open: channel "' + target + '"' + note +
         (wsMode ? ', mode ' + wsMode : ''));
       updateButton();
-    };
-    sock.onmessage = function (ev) {
-      if (ws !== sock) return;
-      append(messagesEl, entryFor(frameText(ev.data)));
-    };
-    sock.onclose = function (ev) {
-      if (ws !== sock) return;
-      ws = null;
-      setStatus(statusEl, 'closed', closeText(ev, wasOpen, sock.closedByUser));
+    });
+    c.on('message', function (text) {
+      if (conn !== c) return;
+      append(messagesEl, entryFor(text));
+    });
+    c.on('error', function (err) {
+      if (conn !== c) return;
+      sendNote.textContent = err.message;
+    });
+    c.on('close', function (ev) {
+      if (conn !== c) return;
+      var text = closeText(ev, wasOpen, c.closedByUser);
+      wasOpen = false;
+      if (ev.reconnect) {
+        text += '. Reconnecting in ' + seconds(ev.delay);
+      } else {
+        conn = null;
+        if (ev.unsent && ev.unsent.length) text += '. ' + ev.unsent.length + ' queued messages were not sent';
+      }
+      setStatus(statusEl, 'closed', text);
       updateButton();
-    };
-    // onerror is always followed by onclose, which carries the code; nothing to do here.
-    sock.onerror = function () {};
+    });
   }
 
   function disconnect(silent) {
-    if (!ws) return;
-    var sock = ws;
-    sock.closedByUser = true;
-    if (silent) ws = null;    // ignore the old socket's events
-    try { sock.close(1000, 'client disconnected'); } catch (e) { /* ignore */ }
+    if (!conn) return;
+    var c = conn;
+    c.closedByUser = true;
+    if (silent) conn = null;    // ignore the old connection's events
+    c.close(1000, 'client disconnected');
     if (silent) updateButton();
   }
 
   connectBtn.addEventListener('click', function () {
-    if (ws && (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN)) {
-      disconnect(false);
-    } else {
-      connect();
-    }
+    if (active(conn)) disconnect(false);
+    else connect();
   });
 
   // Enter in the channel or custom token field (re)connects.
@@ -284,25 +291,38 @@
   });
   customInput.addEventListener('input', showClaims);
 
+  // While pgws.js reconnects, send() queues the text (bounded); it throws when the queue is full.
+  function sendOn(c, text, note) {
+    try {
+      return c.send(text) ? 'Sent ' + text.length + ' characters at ' + clock(new Date()) + '.'
+        : 'Queued ' + text.length + ' characters: not connected right now, they go out when ' +
+          'the socket is back.';
+    } catch (e) {
+      note.textContent = e.message;
+      return null;
+    }
+  }
+
   sendForm.addEventListener('submit', function (ev) {
     ev.preventDefault();
     var text = messageInput.value;
     if (!text) return;
-    if (!ws || ws.readyState !== WebSocket.OPEN) {
+    if (!active(conn)) {
       sendNote.textContent = 'Not connected: press Connect first.';
       return;
     }
-    ws.send(text);
+    var said = sendOn(conn, text, sendNote);
+    if (said === null) return;
     messageInput.value = '';
     var hint = '';
     if (wsMode === 'r') hint = ' This token is read-only, so the server will not relay it.';
     else if (wsMode === 'w') hint = ' This token is write-only, so it is not echoed here. Check the audit pane.';
-    sendNote.textContent = 'Sent ' + text.length + ' characters at ' + clock(new Date()) + '.' + hint;
+    sendNote.textContent = said + hint;
   });
 
   $('clear-messages').addEventListener('click', function () { messagesEl.textContent = ''; });
 
-  // ---------------------------------------------------------------- audit socket
+  // ---------------------------------------------------------------- audit connection
 
   var auditChannelInput = $('audit-channel');
   var auditBtn = $('audit-connect');
@@ -311,68 +331,53 @@
 
   var audit = null;
   var auditWanted = true;   // false after the user presses Disconnect
-  var auditRetryMs = AUDIT_RETRY_MIN_MS;
-  var auditTimer = null;
 
   function auditUpdateButton() {
     auditBtn.textContent = auditWanted ? 'Disconnect' : 'Connect';
   }
 
   function auditConnect() {
-    clearTimeout(auditTimer);
-    auditTimer = null;
-    if (audit) { var old = audit; audit = null; try { old.close(1000); } catch (e) { /* ignore */ } }
+    if (audit) { var old = audit; audit = null; old.close(1000, 'client disconnected'); }
     var channel = auditChannelInput.value.trim() || 'audit';
-    var sock;
+    var c;
     try {
-      sock = new WebSocket(wsUrl(channel, TOKENS.r));
+      // It keeps trying as long as the pane is wanted.
+      c = pgwsConnect({ url: wsBase(), channel: channel, token: TOKENS.r, minDelay: 1000,
+        maxFailedOpens: Infinity });
     } catch (e) {
       setStatus(auditStatus, 'closed', 'not connected: ' + e.message);
       return;
     }
-    sock.binaryType = 'arraybuffer';
-    audit = sock;
+    audit = c;
     var wasOpen = false;
     setStatus(auditStatus, 'connecting', 'connecting…');
 
-    sock.onopen = function () {
-      if (audit !== sock) return;
+    c.on('open', function () {
+      if (audit !== c) return;
       wasOpen = true;
-      auditRetryMs = AUDIT_RETRY_MIN_MS;
       setStatus(auditStatus, 'open', 'open: channel "' + channel + '", mode r');
-    };
-    sock.onmessage = function (ev) {
-      if (audit !== sock) return;
-      append(auditList, entryFor(frameText(ev.data)));
-    };
-    sock.onclose = function (ev) {
-      if (audit !== sock) return;
-      audit = null;
+    });
+    c.on('message', function (text) {
+      if (audit !== c) return;
+      append(auditList, entryFor(text));
+    });
+    c.on('close', function (ev) {
+      if (audit !== c) return;
       var text = closeText(ev, wasOpen, !auditWanted);
-      if (auditWanted) {
-        var secs = Math.round(auditRetryMs / 1000);
-        text += '. Retrying in ' + secs + ' s';
-        auditTimer = setTimeout(auditConnect, auditRetryMs);
-        auditRetryMs = Math.min(auditRetryMs * 2, AUDIT_RETRY_MAX_MS);
-      }
+      wasOpen = false;
+      if (ev.reconnect) text += '. Retrying in ' + seconds(ev.delay);
+      else audit = null;
       setStatus(auditStatus, 'closed', text);
-    };
-    sock.onerror = function () {};
+    });
   }
 
   auditBtn.addEventListener('click', function () {
     if (auditWanted) {
       auditWanted = false;
-      clearTimeout(auditTimer);
-      auditTimer = null;
-      if (audit) {
-        try { audit.close(1000, 'client disconnected'); } catch (e) { /* ignore */ }
-      } else {
-        setStatus(auditStatus, 'closed', 'not connected');
-      }
+      if (audit) audit.close(1000, 'client disconnected');
+      else setStatus(auditStatus, 'closed', 'not connected');
     } else {
       auditWanted = true;
-      auditRetryMs = AUDIT_RETRY_MIN_MS;
       auditConnect();
     }
     auditUpdateButton();
@@ -382,7 +387,6 @@
     if (ev.key === 'Enter' && !ev.isComposing) {
       ev.preventDefault();
       auditWanted = true;
-      auditRetryMs = AUDIT_RETRY_MIN_MS;
       auditUpdateButton();
       auditConnect();
     }
@@ -390,15 +394,13 @@
 
   $('clear-audit').addEventListener('click', function () { auditList.textContent = ''; });
 
-  // ---------------------------------------------------------------- journal socket
+  // ---------------------------------------------------------------- journal connection
 
-  // With "journal = true" pgws keeps messages in PostgreSQL. A socket that offers the "pgws"
-  // subprotocol gets pgws's own messages as binary frames (UTF-8 JSON):
-  //   at open, per journaled channel: {"event":"stream","channel":c,"epoch":e,"seq":n}
-  //     (with "recovered": true/false when it asked to resume);
-  //   before each journaled message: {"channel":c,"seq":n}, then the message's text frame.
-  // It resumes by opening /<channel>/<jwt>?resume=<JSON {"<channel>":[seq,"<epoch>"]}>.
-  var JOURNAL_SUBPROTOCOL = 'pgws';
+  // With "journal = true" pgws keeps messages in PostgreSQL. pgws.js offers the "pgws"
+  // subprotocol, so pgws tells it each journaled channel's epoch at open and each journaled
+  // message's seq; pgws.js hands them to this page ("stream", "recovered", and the message's
+  // info), keeps the last position, and resumes from it when it reconnects by itself. The page
+  // also keeps the position in localStorage, for its own Reconnect button and across reloads.
   var POSITIONS_KEY = 'pgws-example-journal-positions';
 
   var jChannelInput = $('journal-channel');
@@ -412,7 +414,7 @@
   var jSendNote = $('journal-send-note');
   var jList = $('journal-messages');
 
-  var journal = null;     // current journal socket
+  var journal = null;     // current journal connection
   var positions = loadPositions();   // channel -> {seq, epoch}: the last message shown
 
   function loadPositions() {
@@ -420,7 +422,7 @@
       var obj = JSON.parse(localStorage.getItem(POSITIONS_KEY) || '{}');
       return (obj && typeof obj === 'object' && !Array.isArray(obj)) ? obj : {};
     } catch (e) {
-      return {};   // no storage (file://, privacy mode): positions last as long as the page
+      return {};   // no storage (privacy mode): positions last as long as the page
     }
   }
 
@@ -435,10 +437,7 @@
 
   function shortEpoch(epoch) { return epoch.length > 12 ? epoch.slice(0, 8) + '…' : epoch; }
 
-  function jActive() {
-    return journal && (journal.readyState === WebSocket.CONNECTING ||
-      journal.readyState === WebSocket.OPEN);
-  }
+  function jActive() { return active(journal); }
 
   function jUpdate() {
     var pos = storedPosition(jChannelInput.value.trim());
@@ -471,108 +470,92 @@
       return;
     }
     var from = storedPosition(channel);
-    var url = wsUrl(channel, TOKENS.rw);
-    if (from) {
-      var resume = {};
-      resume[channel] = [from.seq, from.epoch];
-      url += '?resume=' + encodeURIComponent(JSON.stringify(resume));
-    }
-    var sock;
+    var start = {};
+    if (from) start[channel] = [from.seq, from.epoch];
+    var c;
     try {
-      sock = new WebSocket(url, [JOURNAL_SUBPROTOCOL]);
+      c = pgwsConnect({ url: wsBase(), channel: channel, token: TOKENS.rw, positions: start });
     } catch (e) {
       setStatus(jStatus, 'closed', 'not connected: ' + e.message);
       return;
     }
-    sock.binaryType = 'arraybuffer';
-    sock.channel = channel;
-    sock.resumedFrom = from;  // the position it asked to resume after, or null
-    sock.awayUpTo = 0;        // messages up to this seq were sent while it was away
-    sock.pending = null;      // the {"channel","seq"} frame announcing the next text frame
-    sock.epoch = '';          // the stream's epoch, from its stream frame
-    journal = sock;
+    c.resumedFrom = from;  // the position it asks to resume after, or null
+    c.awayUpTo = 0;        // messages up to this seq were sent while it was away
+    journal = c;
     var wasOpen = false;
     setStatus(jStatus, 'connecting', from ? 'connecting, resuming after seq ' + from.seq + '…'
       : 'connecting…');
     jStreamEl.textContent = 'No stream frame yet.';
     jUpdate();
 
-    sock.onopen = function () {
-      if (journal !== sock) return;
+    c.on('open', function (info) {
+      if (journal !== c) return;
       wasOpen = true;
-      var proto = sock.protocol ? ', subprotocol ' + sock.protocol : ', no subprotocol';
+      var proto = info.protocol ? ', subprotocol ' + info.protocol : ', no subprotocol';
       setStatus(jStatus, 'open', 'open: channel "' + channel + '", mode rw' + proto);
       jStreamEl.textContent = 'Waiting for the stream frame (none comes if the server runs ' +
         'without journal = true or the channel is not in journal-channels).';
       jUpdate();
-    };
-    sock.onmessage = function (ev) {
-      if (journal !== sock) return;
-      if (typeof ev.data === 'string') {
-        var announced = sock.pending;
-        sock.pending = null;
-        journalEntry(sock, ev.data, announced);
-      } else {
-        journalControl(sock, ev.data);
-      }
-    };
-    sock.onclose = function (ev) {
-      if (journal !== sock) return;
-      journal = null;
-      setStatus(jStatus, 'closed', closeText(ev, wasOpen, sock.closedByUser));
-      jUpdate();
-    };
-    sock.onerror = function () {};
-  }
-
-  function journalDisconnect(silent) {
-    if (!journal) return;
-    var sock = journal;
-    sock.closedByUser = true;
-    if (silent) journal = null;
-    try { sock.close(1000, 'client disconnected'); } catch (e) { /* ignore */ }
-    if (silent) jUpdate();
-  }
-
-  // A binary frame: pgws's own message, JSON in UTF-8.
-  function journalControl(sock, data) {
-    var obj = null;
-    try { obj = JSON.parse(new TextDecoder().decode(data)); } catch (e) { /* not JSON */ }
-    if (!obj || typeof obj !== 'object') return;
-    if (obj.event === 'stream') {
-      streamFrame(sock, obj);
-    } else if (obj.event === 'gap') {
+    });
+    c.on('stream', function (info) { if (journal === c) streamFrame(c, info); });
+    c.on('recovered', function (info) { if (journal === c) streamFrame(c, info); });
+    c.on('message', function (text, info) {
+      if (journal === c) journalEntry(c, text, info.journaled ? info : null);
+    });
+    c.on('gap', function (gap) {
+      if (journal !== c || gap.source !== 'listen') return;  // "journal": see streamFrame
       var li = entryFor('notifications sent while pgws\'s LISTEN session was down were lost ' +
         '(journaled messages are not affected)');
       li.querySelector('.meta').insertBefore(span('tag problem', 'gap'), li.querySelector('.meta').firstChild);
       append(jList, li);
-    } else if (typeof obj.seq === 'number' && typeof obj.channel === 'string') {
-      sock.pending = obj;
-    }
+    });
+    c.on('close', function (ev) {
+      if (journal !== c) return;
+      var text = closeText(ev, wasOpen, c.closedByUser);
+      wasOpen = false;
+      if (ev.reconnect) {
+        text += '. Reconnecting in ' + seconds(ev.delay) + ', to resume from the last position';
+        c.resumedFrom = storedPosition(channel);
+      } else {
+        journal = null;
+      }
+      setStatus(jStatus, 'closed', text);
+      jUpdate();
+    });
   }
 
-  function streamFrame(sock, obj) {
+  function journalDisconnect(silent) {
+    if (!journal) return;
+    var c = journal;
+    c.closedByUser = true;
+    if (silent) journal = null;
+    c.close(1000, 'client disconnected');
+    if (silent) jUpdate();
+  }
+
+  // pgws's stream frame, as pgws.js reports it: "stream" (a fresh start) or "recovered".
+  function streamFrame(c, obj) {
     var channel = String(obj.channel);
     var epoch = String(obj.epoch);
     var seq = Number(obj.seq);
-    var from = sock.resumedFrom;
-    sock.epoch = epoch;
+    var from = c.resumedFrom;
     jStreamEl.dataset.recovered = obj.recovered === undefined ? '' : String(obj.recovered);
     var epochSpan = span('', shortEpoch(epoch));
     epochSpan.title = 'epoch ' + epoch;
     var parts;
-    if (obj.recovered === true && from) {
-      var away = seq - from.seq;
-      sock.awayUpTo = seq;
-      setPosition(channel, from.seq, epoch);
-      parts = ['Resumed after seq ' + from.seq + ': ', span('recovered ok', 'recovered: true'),
+    if (obj.recovered === true) {
+      var after = typeof obj.from === 'number' ? obj.from : (from ? from.seq : 0);
+      var away = seq - after;
+      c.awayUpTo = seq;
+      setPosition(channel, after, epoch);
+      parts = ['Resumed after seq ' + after + ': ', span('recovered ok', 'recovered: true'),
         away === 0 ? '. Nothing was sent while away; live messages follow seq ' + seq
           : '. ' + away + (away === 1 ? ' message was' : ' messages were') + ' sent while ' +
             'away: they come first, then live ones after seq ' + seq];
     } else if (obj.recovered === false) {
       setPosition(channel, seq, epoch);
-      parts = ['Asked to resume after seq ' + (from ? from.seq : '?') +
-        (from && from.epoch !== epoch ? ' of another epoch' : '') + ': ',
+      parts = ['Asked to resume after seq ' + (obj.from !== null ? obj.from : '?') +
+        (obj.fromEpoch && obj.fromEpoch !== epoch ? ' of another epoch' : '') + ': ',
         span('recovered bad', 'recovered: false'),
         '. pgws no longer has what was sent meanwhile (the journal was recreated, or retention ' +
         'pruned it), so nothing is replayed; live messages follow seq ' + seq];
@@ -587,8 +570,8 @@
     });
   }
 
-  // A text frame: a message, announced by a {"channel","seq"} frame if it is journaled.
-  function journalEntry(sock, text, announced) {
+  // A message, with its position if it is journaled (pgws.js never delivers one twice).
+  function journalEntry(c, text, announced) {
     var li = entryFor(text);
     var meta = li.querySelector('.meta');
     var tags = [];
@@ -598,12 +581,12 @@
       var pos = storedPosition(channel);
       li.dataset.seq = String(seq);
       tags.push(span('tag seq', 'seq ' + seq));
-      if (seq <= sock.awayUpTo) tags.push(span('tag away', 'sent while away'));
+      if (seq <= c.awayUpTo) tags.push(span('tag away', 'sent while away'));
       if (pos && seq !== pos.seq + 1) {
         tags.push(span('tag problem', seq <= pos.seq ? 'repeated' : 'skipped ' + (pos.seq + 1) +
           (seq - 1 > pos.seq + 1 ? '–' + (seq - 1) : '')));
       }
-      setPosition(channel, seq, sock.epoch || (pos ? pos.epoch : ''));
+      setPosition(channel, seq, announced.epoch || (pos ? pos.epoch : ''));
     } else {
       tags.push(span('tag', 'not journaled'));
     }
@@ -631,15 +614,15 @@
     ev.preventDefault();
     var text = jMessageInput.value;
     if (!text) return;
-    if (!journal || journal.readyState !== WebSocket.OPEN) {
+    if (!jActive()) {
       jSendNote.textContent = 'Not connected: while away, send from the chat pane (channel "' +
         (jChannelInput.value.trim() || 'journal') + '") or with SQL pgws.send(…).';
       return;
     }
-    journal.send(text);
+    var said = sendOn(journal, text, jSendNote);
+    if (said === null) return;
     jMessageInput.value = '';
-    jSendNote.textContent = 'Sent ' + text.length + ' characters at ' + clock(new Date()) +
-      '; pgws journals it and it comes back with its seq.';
+    jSendNote.textContent = said + ' pgws journals it and it comes back with its seq.';
   });
 
   $('clear-journal').addEventListener('click', function () { jList.textContent = ''; });
@@ -665,8 +648,6 @@
 
   window.addEventListener('pagehide', function () {
     // Browsers only allow close codes 1000 and 3000-4999 from a page.
-    if (ws) { try { ws.close(1000, 'page closed'); } catch (e) { /* ignore */ } }
-    if (audit) { try { audit.close(1000, 'page closed'); } catch (e) { /* ignore */ } }
-    if (journal) { try { journal.close(1000, 'page closed'); } catch (e) { /* ignore */ } }
+    [conn, audit, journal].forEach(function (c) { if (c) c.close(1000, 'page closed'); });
   });
 }());

@@ -16,6 +16,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred
 from twisted.web import http, resource, server
 
+from pgws._client_script import SCRIPT_NAME, ClientScript
 from pgws._factory import RelayFactory
 from pgws._redact import redact_path
 
@@ -125,8 +126,9 @@ class _Ready(resource.Resource):
 
 
 class RelayResource(resource.Resource):
-    """WebSocket upgrades go to pgws; C{livez}/C{readyz} answer health checks; other requests
-    get static files (or 404)."""
+    """WebSocket upgrades go to pgws; C{livez}/C{readyz} answer health checks; C{pgws.js} is the
+    JavaScript client (pgws's own, even if C{server-root} has a file of that name); other
+    requests get static files (or 404)."""
 
     def __init__(self, factory: RelayFactory, static_root: str | None = None,
                  health: Health | None = None) -> None:
@@ -136,6 +138,7 @@ class RelayResource(resource.Resource):
         if health is not None:
             self._health = {b"livez": _Live(), b"readyz": _Ready(health)}
         self._static: resource.Resource | None = _StaticFiles(static_root) if static_root else None
+        self._script = ClientScript()
 
     def getChildWithDefault(self, name: bytes, request: server.Request) -> resource.Resource:
         if _is_websocket(request):
@@ -145,6 +148,8 @@ class RelayResource(resource.Resource):
             return self._websocket  # type: ignore[return-value]  # Autobahn's is an IResource
         if name in self._health and not request.postpath:
             return self._health[name]
+        if name == SCRIPT_NAME and not request.postpath:
+            return self._script
         if self._static is None:
             return _NOT_FOUND
         child: resource.Resource = self._static.getChildWithDefault(name, request)

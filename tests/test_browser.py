@@ -1,8 +1,8 @@
 """
-The example page (client-example/) in a real headless Chromium, served by pgws itself: two pages
-chat through PostgreSQL, the audit pane shows the copy, a NOTIFY from the database appears as raw
-text, and (with the journal on) the journaled-channel pane resumes after a disconnect with what
-was sent meanwhile.
+The example page (client-example/, built on pgws.js) in a real headless Chromium, served by pgws
+itself: two pages chat through PostgreSQL (no token in any WebSocket URL), the audit pane shows
+the copy, a NOTIFY from the database appears as raw text, and (with the journal on) the
+journaled-channel pane resumes after a disconnect with what was sent meanwhile.
 
 The server runs on the Twisted reactor of the test process, so the browser (Playwright's sync
 API) runs in a worker thread (``deferToThread``); the thread calls back into the reactor only
@@ -169,6 +169,8 @@ async def test_two_pages_chat_and_audit_pane_shows_the_copy(server):
         # tab, which Chromium throttles (a second tab in one context made this test ~2 s slower).
         context_a, context_b = browser.new_context(), browser.new_context()
         a, b = context_a.new_page(), context_b.new_page()
+        socket_urls: list[str] = []  # the page uses pgws.js: no token in any WebSocket URL
+        a.on("websocket", lambda ws: socket_urls.append(ws.url))
         watch_a = open_chat(a, server.port, channel)
         watch_b = open_chat(b, server.port, channel)
         # The pages' sockets are open; pgws's LISTENs follow asynchronously.
@@ -194,6 +196,8 @@ async def test_two_pages_chat_and_audit_pane_shows_the_copy(server):
             expect(page.locator("#audit-messages li")).to_have_count(1)
         watch_a.check()
         watch_b.check()
+        assert sorted(socket_urls) == sorted([f"ws://127.0.0.1:{server.port}/audit",
+                                              f"ws://127.0.0.1:{server.port}/{channel}"])
         context_a.close()
         context_b.close()
 

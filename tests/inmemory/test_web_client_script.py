@@ -1,0 +1,60 @@
+"""/pgws.js: pgws's own JavaScript client, served with or without server-root, importable from
+any origin (CORS, a JavaScript type), cached by its ETag."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+from memory import MemoryRelay
+
+SHIPPED = resources.files("pgws").joinpath("static", "pgws.js").read_bytes()
+
+
+def get(relay: MemoryRelay, path: str, extra: str = "") -> tuple[int, dict[str, str], bytes]:
+    raw = relay.request(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+@pytest.fixture(params=["no server-root", "server-root with its own pgws.js"])
+def relay(request, tmp_path):
+    if request.param == "no server-root":
+        relay = MemoryRelay()
+    else:
+        (tmp_path / "pgws.js").write_text("export const NOT_PGWS = 1;\n")
+        (tmp_path / "index.html").write_text("<p>page</p>")
+        relay = MemoryRelay(server_root=str(tmp_path))
+    yield relay
+    relay.stop()
+
+
+def test_the_client_is_served_importable_from_any_origin(relay):
+    status, headers, body = get(relay, "/pgws.js", "Origin: https://app.example.com\r\n")
+    assert status == 200
+    assert body == SHIPPED  # pgws's own file, even where server-root has one of that name
+    assert b"export function connect" in body
+    assert headers["content-type"] == "text/javascript; charset=utf-8"
+    assert headers["access-control-allow-origin"] == "*"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["cache-control"] == "no-cache"
+    assert headers["etag"].startswith('"') and len(headers["etag"]) == 34
+
+
+def test_an_unchanged_client_is_a_304_without_body(relay):
+    etag = get(relay, "/pgws.js")[1]["etag"]
+    status, headers, body = get(relay, "/pgws.js", f"If-None-Match: {etag}\r\n")
+    assert (status, body) == (304, b"")
+    assert headers["etag"] == etag
+    status, _, body = get(relay, "/pgws.js", 'If-None-Match: "another"\r\n')
+    assert (status, body) == (200, SHIPPED)
+
+
+def test_only_the_exact_path_is_the_client(relay):
+    assert get(relay, "/pgws.js/x")[0] == 404
+    assert get(relay, "/pgws.jsx")[0] == 404
