@@ -448,9 +448,10 @@ def _check_choices(values: dict[str, Any]) -> None:
 
 
 def _check_journal(values: Mapping[str, Any]) -> None:
-    if not values["journal"]:
+    # Presence works in both routing modes (its notifications never go through the routing).
+    if not values["journal"] and not values["presence"]:
         return
-    if values["listen-channel"] is not None:
+    if values["journal"] and values["listen-channel"] is not None:
         raise ConfigError('"journal": the journal needs per-channel routing; unset '
                           '"listen-channel" or "journal"')
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", values["journal-schema"]):
