@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from test_journal import drop_schema, new_schema, relations
 
 from pgws._presence import HEARTBEAT, LEASE, PAGE_SIZE
 from support import SECRET, Client, Db, Server, start_server, token, until, ws_connect
-from test_journal import drop_schema, new_schema, relations
 
 
 @pytest.fixture(name="schema")

@@ -251,3 +251,15 @@ def test_frames_are_binary():
     assert socket.frames == [{"event": "presence", "channel": "c",
                               "error": "presence is off on this server"}]
     assert binary_frame(b"x")[0] == 0x82
+
+
+def test_presence_alone_checks_the_schema_name_and_takes_either_routing():
+    from pgws._config import ConfigError, load_config
+
+    base = {"db-uri": "postgresql://x/y", "jwt-secret": "s" * 32, "presence": "true"}
+    with pytest.raises(ConfigError, match='"journal-schema": must be a lower-case SQL name'):
+        load_config(None, {}, {**base, "journal-schema": "Bad-Name"})
+    config = load_config(None, {}, {**base, "listen-channel": "everything"})
+    assert config.presence and config.listen_channel == "everything"
+    with pytest.raises(ConfigError, match='"presence-claim" is empty'):
+        load_config(None, {}, {**base, "presence-claim": " "})
