@@ -1,7 +1,7 @@
 """
 The WebSocket factory: what every socket of one server shares (its settings, the authorizer, the
-channel registry, the NOTIFY pool, presence) and what is done to all sockets at once (the gap message, the
-closing at shutdown).
+channel registry, the NOTIFY pool, presence) and what is done to all sockets at once (the gap
+message, the closing at shutdown).
 """
 
 from __future__ import annotations

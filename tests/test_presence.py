@@ -298,3 +298,114 @@ async def test_a_newer_schema_is_refused_by_presence_with_one_line(db_uri, db: D
     assert "version 99" in lines[0] and "versions up to 2" in lines[0] and schema in lines[0]
     assert "Traceback" not in log
     assert relations(db, schema) == before
+
+
+def _write_at_random(db_uri: str, schema: str, process: str, seed: int,
+                     errors: list[BaseException]) -> None:
+    """One process's statements: random holds and releases of overlapping members."""
+    import random
+
+    import psycopg2
+
+    from pgws._presence_schema import update_sql
+
+    rng = random.Random(seed)
+    held: set[tuple[str, str]] = set()
+    conn = psycopg2.connect(db_uri)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for _ in range(150):
+                keys = {(f"c{rng.randrange(3)}", f"m{rng.randrange(8)}")
+                        for _ in range(rng.randrange(1, 6))}
+                changes = [(k, k not in held) for k in sorted(keys)]
+                cur.execute(update_sql(schema), (
+                    process, process, 60, [c for (c, _), _ in changes],
+                    [m for (_, m), _ in changes], [h for _, h in changes]))
+                for key, hold in changes:
+                    (held.add if hold else held.discard)(key)
+    except BaseException as e:  # a deadlock would land here
+        errors.append(e)
+    finally:
+        conn.close()
+
+
+def _announcements(db: Db, schema: str) -> list[dict[str, Any]]:
+    """Every announcement, once the last change of each channel has come (bounded wait)."""
+    announced: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        db.conn.poll()
+        announced += [json.loads(n.payload) for n in db.conn.notifies]
+        del db.conn.notifies[:]
+        last = dict(db.execute(f"SELECT channel, seq FROM {schema}.presence_channels"))
+        if all(any(a["channel"] == c and a["seq"] == s for a in announced)
+               for c, s in last.items()):
+            break
+        time.sleep(0.05)
+    return announced
+
+
+def _replay(announced: list[dict[str, Any]],
+            ) -> tuple[dict[str, set[str]], dict[str, int], dict[str, int]]:
+    """
+    The announcements applied in their order: (members, last seq, last count) per channel.
+    A join of a member that is there, a leave of one that is not, a gap in a channel's seq or
+    a count that is not the number of members fails.
+    """
+    state: dict[str, set[str]] = {}
+    seen: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for a in announced:  # delivered in commit order
+        channel = a["channel"]
+        assert a["seq"] in (seen.get(channel, 0), seen.get(channel, 0) + 1), a  # dense
+        if a["seq"] != seen.get(channel):  # a new change: the last one is whole
+            assert len(state.get(channel, ())) == counts.get(channel, 0), a
+        seen[channel], counts[channel] = a["seq"], a["count"]
+        members_ = state.setdefault(channel, set())
+        for m in a["join"]:
+            assert m not in members_, a
+            members_.add(m)
+        for m in a["leave"]:
+            assert m in members_, a
+            members_.discard(m)
+    return state, seen, counts
+
+
+def test_concurrent_processes_announce_every_join_and_leave_exactly_once(db_uri, db: Db, schema):
+    """
+    Four writers, as four processes, hold and release overlapping members of a few channels at
+    once.  Replayed in seq order, the announcements must never join a member that is there nor
+    drop one that is not, must count right, and must end where the tables are.
+    """
+    import threading
+
+    import psycopg2
+
+    from pgws._presence_schema import migration
+
+    with psycopg2.connect(db_uri) as conn, conn.cursor() as cur:
+        for sql in migration(schema):
+            cur.execute(sql)
+    db.listen(f"{schema}.presence")
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=_write_at_random, args=(db_uri, schema, f"p{i}", i, errors))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    announced = _announcements(db, schema)
+    state, seen, counts = _replay(announced)
+    for channel, seq in db.execute(f"SELECT channel, seq FROM {schema}.presence_channels"):
+        assert seen.get(channel, 0) == seq
+        assert len(state.get(channel, ())) == counts.get(channel, 0)
+        in_table = {m for (m,) in db.execute(
+            f"SELECT DISTINCT member FROM {schema}.presence_holds WHERE channel = %s",
+            (channel,))}
+        assert state.get(channel, set()) == in_table, channel
+        assert db.execute(f"SELECT members FROM {schema}.presence_channels WHERE channel = %s",
+                          (channel,)) == [(len(in_table),)]
+    print(f"\n{len(announced)} announcements, {sum(seen.values())} changes over {len(seen)} "
+          "channels")
