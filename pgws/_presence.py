@@ -413,6 +413,7 @@ class Presence:
         self._pages: set[tuple[Any, str]] = set()  # (socket, channel) with a page being read
         self._incoming: dict[str, list[Change]] = {}
         self._delivering = False
+        self._ignored_count, self._ignored_next_log = 0, 0.0
         self._listening: Listening | None = None
 
     def listen_on(self, listener: Listening) -> None:
@@ -740,13 +741,24 @@ class Presence:
         for payload in payloads:
             change = parse_change(payload)
             if change is None:
-                _log.warn("Presence: ignored a notification on {channel} that pgws did not "
-                          "send", channel=self.channel)
+                self._ignored()
             elif change.channel in self._watchers:
                 self._incoming.setdefault(change.channel, []).append(change)
         if self._incoming and not self._delivering:
             self._delivering = True
             self._reactor.callLater(0, self._deliver)
+
+    def _ignored(self) -> None:
+        """
+        A notification on the presence channel that is not an announcement (a client that
+        writes to a channel of that name): logged at most once a minute, with how many.
+        """
+        self._ignored_count += 1
+        now = self._reactor.seconds()
+        if now >= self._ignored_next_log:
+            _log.warn("Presence: ignored {n} notifications on {channel} that pgws did not send",
+                      n=self._ignored_count, channel=self.channel)
+            self._ignored_count, self._ignored_next_log = 0, now + 60
 
     def _deliver(self) -> None:
         incoming, self._incoming = self._incoming, {}

@@ -263,3 +263,38 @@ def test_presence_alone_checks_the_schema_name_and_takes_either_routing():
     assert config.presence and config.listen_channel == "everything"
     with pytest.raises(ConfigError, match='"presence-claim" is empty'):
         load_config(None, {}, {**base, "presence-claim": " "})
+
+
+def test_a_configured_channel_may_not_be_presences_own():
+    from pgws._config import ConfigError, load_config
+
+    base = {"db-uri": "postgresql://x/y", "jwt-secret": "s" * 32, "presence": "true"}
+    for key in ("listen-channel", "audit-channel", "meta-channel"):
+        with pytest.raises(ConfigError, match=f'"{key}": pgws.presence is presence\'s own'):
+            load_config(None, {}, {**base, key: "pgws.presence"})
+    assert load_config(None, {}, {**base, "presence": "false", "audit-channel": "pgws.presence"})
+
+
+def test_notifications_that_are_not_announcements_are_logged_at_most_once_a_minute():
+    from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+    from zope.interface import provider
+
+    logged: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observer(event: LogEvent) -> None:
+        logged.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        clock = MemoryReactorClock()
+        presence = Presence(clock, Store(), "pgws", "sub", "t")
+        presence.received(["x"] * 500)
+        clock.advance(30)
+        presence.received(["x"])
+        clock.advance(31)
+        presence.received(["x"])
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    counts = [e["n"] for e in logged if "ignored" in e.get("log_format", "")]
+    assert counts == [1, 501]  # the first at once; the 499, 1 and 1 after, a minute later
