@@ -448,14 +448,18 @@ def _check_choices(values: dict[str, Any]) -> None:
 
 
 def _check_journal(values: Mapping[str, Any]) -> None:
-    if not values["journal"]:
+    # Presence works in both routing modes (its notifications never go through the routing).
+    if not values["journal"] and not values["presence"]:
         return
-    if values["listen-channel"] is not None:
+    if values["journal"] and values["listen-channel"] is not None:
         raise ConfigError('"journal": the journal needs per-channel routing; unset '
                           '"listen-channel" or "journal"')
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", values["journal-schema"]):
         raise ConfigError('"journal-schema": must be a lower-case SQL name (letters, digits, _; '
                           f"at most 63), got {_show(values['journal-schema'])}")
+    for name in ("listen-channel", "audit-channel", "meta-channel"):
+        if values["presence"] and values[name] == f"{values['journal-schema']}.presence":
+            raise ConfigError(f'"{name}": {values[name]} is presence\'s own channel')
 
 
 def _secret(values: Mapping[str, Any]) -> tuple[bytes | None, str | None]:

@@ -1,7 +1,7 @@
 """
 The WebSocket factory: what every socket of one server shares (its settings, the authorizer, the
-channel registry, the NOTIFY pool) and what is done to all sockets at once (the gap message, the
-closing at shutdown).
+channel registry, the NOTIFY pool, presence) and what is done to all sockets at once (the gap
+message, the closing at shutdown).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pgws._envelope import NOTIFY_PAYLOAD_LIMIT
 from pgws._framewriter import ReaderLag
 from pgws._journal import Journal, Resume, parse_resume
 from pgws._outbox import Sender
+from pgws._presence import OFF, Presence, PresenceOff
 from pgws._protocol import RelayProtocol
 from pgws._reactor import fire_and_log
 from pgws._routing import PerChannelRouting, Routing
@@ -57,6 +58,7 @@ class RelayFactory(WebSocketServerFactory):
         ping_timeout: float = 10,
         database_ready: Callable[[], bool] = lambda: True,
         journal: Journal | None = None,
+        presence: Presence | None = None,
     ) -> None:
         super().__init__(reactor=reactor, server="pgws")
         self.config = config
@@ -65,6 +67,7 @@ class RelayFactory(WebSocketServerFactory):
         self.database_ready = database_ready
         self.clock = clock
         self.journal = journal
+        self.presence: Presence | PresenceOff = presence or OFF
         self.sockets: set[RelayProtocol] = set()
         self.closing = False  # shutting down: no socket opens any more
         self.session_settings = SessionSettings(
@@ -72,7 +75,7 @@ class RelayFactory(WebSocketServerFactory):
             db_channel=(routing or PerChannelRouting()).db_channel,
             max_queued_messages=config.max_queued_messages, leeway=config.jwt_leeway,
             audit_channel=config.audit_channel, meta_channel=config.meta_channel,
-            payload_limit=self._payload_limit,
+            payload_limit=self._payload_limit, presence=self.presence,
         )
         self.setProtocolOptions(
             autoPingInterval=ping_interval,

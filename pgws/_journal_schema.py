@@ -6,6 +6,16 @@ runs at start-up, in one transaction under an advisory lock (several pgws proces
 once), and is a no-op when the schema is already at this version; a schema of a newer version is
 refused.
 
+One schema, two features: the journal and presence (L{pgws._presence_schema}) each migrate their
+own objects, in a transaction of their own under the same advisory lock, with the same
+L{preamble}; a feature that is off creates nothing.  The C{version} table holds one number, the
+newest layout of what the schema holds: version 1 is the journal's objects, version 2 added
+presence's.  Each feature records the version of its own objects (never lowering it), so a
+journal-only schema stays at 1 and the pgws versions that know only 1 keep using it, while a
+schema that has presence's objects is at 2.  A version above L{SCHEMA_VERSION} is refused, by
+either feature, before anything in it is touched.  A later layout change of a feature's objects
+alters them where they exist (the other feature's may be absent) and records its version.
+
 Ordering (why a head row, not a sequence): ids from a sequence are handed out at insert time but
 become visible at commit time, so they commit out of order and a reader polling C{id > last}
 skips rows.  Instead each channel has a head row in C{streams}; L{send} increments its counter
@@ -21,9 +31,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["SCHEMA_VERSION", "JournalSchemaError", "migration", "quote_schema", "wake_channel"]
+__all__ = ["JOURNAL_VERSION", "SCHEMA_VERSION", "JournalSchemaError", "migration", "preamble",
+           "quote_schema", "record_version", "wake_channel"]
 
-SCHEMA_VERSION = 1
+# The newest layout this pgws knows (a schema above it is refused), and the journal's own.
+SCHEMA_VERSION = 2
+JOURNAL_VERSION = 1
 
 # An arbitrary key for pg_advisory_xact_lock: one migration at a time per database.
 _MIGRATION_LOCK = 0x70677773  # "pgws"
@@ -47,25 +60,14 @@ def wake_channel(schema: str) -> str:
 
 def migration(schema: str, max_payload: int) -> list[str]:
     """
-    The statements that bring the schema to L{SCHEMA_VERSION}, with the functions written for
-    this configuration; run them in one transaction.  A newer schema is refused before anything
+    The statements that bring the journal's objects to L{JOURNAL_VERSION}, with the functions
+    written for this configuration; run them in one transaction.  A newer schema is refused before anything
     in it is touched.
     """
     s = quote_schema(schema)
     wake = wake_channel(schema)
     return [
-        f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})",
-        f"CREATE SCHEMA IF NOT EXISTS {s}",
-        f"CREATE TABLE IF NOT EXISTS {s}.version (one boolean PRIMARY KEY DEFAULT true "
-        f"CHECK (one), version integer NOT NULL)",
-        # Refuse a newer schema before touching anything in it.
-        f"""DO $$ BEGIN
-              IF (SELECT max(version) FROM {s}.version) > {SCHEMA_VERSION} THEN
-                RAISE EXCEPTION 'pgws: the journal schema "{s}" is at version %; this pgws knows '
-                  'versions up to {SCHEMA_VERSION}: upgrade pgws', (SELECT max(version) FROM {s}.version)
-                  USING ERRCODE = 'feature_not_supported';
-              END IF;
-            END $$""",
+        *preamble(s),
         f"""CREATE TABLE IF NOT EXISTS {s}.streams (
               channel text PRIMARY KEY,
               epoch text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text),
@@ -168,6 +170,34 @@ def migration(schema: str, max_payload: int) -> list[str]:
                 END IF;
               END LOOP;
             END $$""",
-        f"INSERT INTO {s}.version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT (one) DO "
-        f"UPDATE SET version = excluded.version WHERE {s}.version.version < excluded.version",
+        record_version(s, JOURNAL_VERSION),
     ]
+
+
+def preamble(schema: str) -> list[str]:
+    """
+    What every feature's migration begins with, in its transaction: one migration at a time,
+    the schema and its version table, and the refusal of a newer schema.
+    """
+    s = quote_schema(schema)
+    return [
+        f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})",
+        f"CREATE SCHEMA IF NOT EXISTS {s}",
+        f"CREATE TABLE IF NOT EXISTS {s}.version (one boolean PRIMARY KEY DEFAULT true "
+        f"CHECK (one), version integer NOT NULL)",
+        # Refuse a newer schema before touching anything in it.
+        f"""DO $$ BEGIN
+              IF (SELECT max(version) FROM {s}.version) > {SCHEMA_VERSION} THEN
+                RAISE EXCEPTION 'pgws: the journal schema "{s}" is at version %; this pgws knows '
+                  'versions up to {SCHEMA_VERSION}: upgrade pgws', (SELECT max(version) FROM {s}.version)
+                  USING ERRCODE = 'feature_not_supported';
+              END IF;
+            END $$""",
+    ]
+
+
+def record_version(schema: str, version: int) -> str:
+    """The statement that ends a feature's migration: the schema is at least at C{version}."""
+    s = quote_schema(schema)
+    return (f"INSERT INTO {s}.version (version) VALUES ({int(version)}) ON CONFLICT (one) DO "
+            f"UPDATE SET version = excluded.version WHERE {s}.version.version < excluded.version")

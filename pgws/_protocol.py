@@ -34,7 +34,9 @@ C{{"refreshed": true, "exp": <exp or null>}} or C{{"refreshed": false, "reason":
 keeps the old token in that case.  A reading socket that negotiated the C{pgws} subprotocol gets
 C{{"event": "gap", "at": <unix time>}} when the LISTEN session was lost and is back: notifications
 sent while it was down did not reach anyone.  Without the subprotocol nothing is sent (a
-seed-compatible client would take any frame for a notification).
+seed-compatible client would take any frame for a notification).  With C{presence} on, a socket
+with the C{pgws} subprotocol may ask who is on a channel it reads, C{{"presence": "<channel>"}},
+and then gets join / leave events (see L{pgws._presence} for the whole exchange).
 
 Meta channel (C{meta-channel}): each accepted socket notifies
 C{{"event": "ConnectionOpen", "channel": <meta-channel>, "payload": "<its channels, comma
@@ -188,6 +190,7 @@ class RelayProtocol(WebSocketServerProtocol):
         self.session = Session(self, grant, requested, factory.session_settings)
         if self.wants_positions:
             factory.open_journaled(self, grant, resume)
+        factory.presence.opened(self, grant)
         _log.info("WebSocket from {peer} open: mode {mode}, channels {channels}", peer=self.peer,
                   mode=grant.mode, channels=",".join(grant.channels))
         forget_handshake(self)
@@ -213,6 +216,7 @@ class RelayProtocol(WebSocketServerProtocol):
             self._writer.stop()
         self._leave_channels()
         self.factory.sockets.discard(self)
+        self.factory.presence.closed(self)
         session, self.session = self.session, None
         if session is not None:
             session.closed()

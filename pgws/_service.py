@@ -25,6 +25,7 @@ from pgws._listener import ConnectionFactory, ListenConnection, Listener
 from pgws._notifypool import NotifyPool
 from pgws._outbox import Sender
 from pgws._postgres import describe_dsn, describe_error
+from pgws._presence import Presence, PresenceTap, SqlStore, Store
 from pgws._reactor import default_reactor, fire_and_log, fired, within
 from pgws._routing import ListenChannelRouting, PerChannelRouting, Routing
 from pgws._web import RelayResource
@@ -47,6 +48,7 @@ class Relay(service.Service):
     @param pool: what sends client messages (default: a L{NotifyPool} of C{db-pool} connections).
     @param listen_connection: makes the LISTEN session's connections (default: txpostgres).
         The in-memory tests pass both, to run the whole relay without a database.
+    @param presence_store: presence's tables (default: L{SqlStore} over the NOTIFY pool).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class Relay(service.Service):
         *,
         pool: Sender | None = None,
         listen_connection: ConnectionFactory = ListenConnection,
+        presence_store: Store | None = None,
     ) -> None:
         reactor = default_reactor(reactor)
         self.config = config
@@ -107,7 +110,15 @@ class Relay(service.Service):
                              # the 4x that cuts a reader off at once: a prompt reader is never
                              # taken for a slow one after a burst.
                              slice_bytes=2 * config.max_pending_bytes, journal=self.journal)
-        self.listener.deliver_to(self.fanout)
+        self.presence: Presence | None = None
+        if config.presence:
+            self.presence = Presence(
+                reactor, presence_store or SqlStore(notify_pool, config.journal_schema),
+                config.journal_schema, config.presence_claim, config.application_name)
+            self.presence.listen_on(self.listener)
+        # Presence's announcements are taken out before the fan-out, in either routing mode.
+        self.listener.deliver_to(self.fanout if self.presence is None
+                                 else PresenceTap(self.fanout, self.presence))
         if self.journal is not None:
             self.journal.deliver_to(self.registry, self.fanout)
         verifier = TokenVerifier.from_config(config, reactor=reactor, clock=clock,
@@ -125,22 +136,34 @@ class Relay(service.Service):
             ping_timeout=ping_timeout,
             database_ready=self._database_ready,
             journal=self.journal,
+            presence=self.presence,
         )
         self._started: defer.Deferred[None] | None = None
         self._stopped: defer.Deferred[None] | None = None
         self.exit_status = 0
 
     def _database_ready(self) -> bool:
-        return self.listener.connected and (self.journal is None or self.journal.migrated)
+        return self.listener.connected and (self.journal is None or self.journal.migrated) and (
+            self.presence is None or self.presence.migrated)
 
     def _recovered(self) -> None:
         """The LISTEN session is back after a loss."""
         if self.journal is not None:
             self.journal.recovered()  # journaled channels read what they missed
+        if self.presence is not None:
+            self.presence.recovered()  # sockets that asked get a fresh answer
         self.factory.tell_gap()  # plain ones cannot: they are told
 
     def _journal_unusable(self, why: str) -> None:
-        _log.critical("The journal cannot be used: {why}", why=why)
+        self._schema_unusable("The journal", why)
+
+    def _presence_unusable(self, why: str) -> None:
+        self._schema_unusable("Presence", why)
+
+    def _schema_unusable(self, feature: str, why: str) -> None:
+        if self.exit_status:
+            return  # the other feature of the schema said so already
+        _log.critical("{feature} cannot be used: {why}", feature=feature, why=why)
         self.exit_status = 1
         if self._reactor.running:
             self._reactor.stop()
@@ -165,6 +188,8 @@ class Relay(service.Service):
             return "the LISTEN session is not connected"
         if self.journal is not None and not self.journal.migrated:
             return "the journal schema is not ready yet"
+        if self.presence is not None and not self.presence.migrated:
+            return "the presence schema is not ready yet"
         try:
             await within(self.pool.check(), 2, self._reactor)
         except Exception as e:
@@ -185,6 +210,8 @@ class Relay(service.Service):
         if self.journal is not None:
             # In the background: it retries while the database is away (handshakes get 503).
             fire_and_log(self.journal.start(self._journal_unusable), "journal start")
+        if self.presence is not None:
+            fire_and_log(self.presence.start(self._presence_unusable), "presence start")
 
     def whenReady(self) -> defer.Deferred[None]:
         """Fires once the first connection attempts are over (for tests and start-up order)."""
@@ -210,7 +237,10 @@ class Relay(service.Service):
         self.listener.stop()
         if self.journal is not None:
             self.journal.stop()
-        pending = defer.DeferredList([o.flushed() for o in outboxes], consumeErrors=True)
+        waits = [o.flushed() for o in outboxes]
+        if self.presence is not None:  # this process's members leave at once
+            waits.append(defer.Deferred.fromCoroutine(self.presence.stop()))
+        pending = defer.DeferredList(waits, consumeErrors=True)
         pending.addTimeout(self.config.shutdown_timeout, self._reactor)
         try:
             await pending

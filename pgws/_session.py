@@ -27,10 +27,11 @@ from pgws._closing import (
 )
 from pgws._envelope import NOTIFY_PAYLOAD_LIMIT, EnvelopeEncoder, envelope_size
 from pgws._outbox import Outbox, Sender
+from pgws._presence import OFF
 from pgws._reactor import fire_and_log
 from pgws._redact import redact
 
-__all__ = ["Session", "SessionSettings", "Socket"]
+__all__ = ["PresenceRequests", "Session", "SessionSettings", "Socket"]
 
 _log = Logger()
 
@@ -52,6 +53,14 @@ class Socket(Protocol):
     def resume_reading(self) -> None: ...
 
 
+class PresenceRequests(Protocol):
+    """What a session asks of presence (L{pgws._presence}; it answers the socket itself)."""
+
+    def request(self, socket: Any, grant: Grant, message: dict[str, Any]) -> None: ...
+
+    def regranted(self, socket: Any, grant: Grant) -> None: ...
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """What every session of a server shares."""
@@ -67,6 +76,7 @@ class SessionSettings:
     payload_limit: Callable[[str], int] = lambda db_channel: NOTIFY_PAYLOAD_LIMIT
     audit_channel: str | None = None
     meta_channel: str | None = None
+    presence: PresenceRequests = OFF
 
 
 def _too_big(size: int, limit: int) -> str:
@@ -200,6 +210,9 @@ class Session:
         if isinstance(message, dict) and isinstance(message.get("refresh"), str):
             fire_and_log(self.refresh(message["refresh"]), "token refresh")
             return
+        if isinstance(message, dict) and "presence" in message:
+            self._settings.presence.request(self._socket, self.grant, message)
+            return
         self._socket.close_with(CLOSE_UNSUPPORTED_DATA,
                                 "binary messages are not supported; send text (UTF-8)")
 
@@ -214,6 +227,7 @@ class Session:
             self._socket.send_control({"refreshed": False, "reason": refusal.reason})
             return
         self.grant = new
+        self._settings.presence.regranted(self._socket, new)
         if self._envelopes is not None:
             self._envelopes = EnvelopeEncoder(new.claims)
         self._schedule_expiry()

@@ -279,13 +279,19 @@ class MemoryRelay:
     """
     The relay of one test, in memory.  C{settings} are config keys with dashes or underscores;
     C{database_up=False} starts it with the database away (set C{db.up} to bring it back).
+    Relays given the same C{db} are processes on one database, on its clock; C{relay_options}
+    go to L{Relay} as they are.
     """
 
-    def __init__(self, *, database_up: bool = True, **settings: Any) -> None:
-        self.clock = MemoryReactorClock()
-        self.clock.advance(EPOCH)
-        self.db = MemoryPostgres(self.clock)
-        self.db.up = database_up
+    def __init__(self, *, database_up: bool = True, db: MemoryPostgres | None = None,
+                 relay_options: dict[str, Any] | None = None, **settings: Any) -> None:
+        if db is None:
+            clock = MemoryReactorClock()
+            clock.advance(EPOCH)
+            db = MemoryPostgres(clock)
+            db.up = database_up
+        self.clock = db.clock
+        self.db = db
         cli = {"db-uri": "postgresql://memory/pgws", "jwt-secret": SECRET}
         cli.update({k.replace("_", "-"): str(v) for k, v in settings.items()})
         self.config = load_config(None, {}, cli)
@@ -294,6 +300,7 @@ class MemoryRelay:
             self.config, reactor=self.clock, clock=self.clock.seconds, pool=self.pool,
             listen_connection=lambda reactor, received, lost: MemoryListenConnection(
                 self.db, reactor, received, lost),
+            **(relay_options or {}),
         )
         self.relay.startService()
         self.clock.advance(0)
