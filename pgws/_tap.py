@@ -15,7 +15,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python import usage
 from twisted.python.components import Componentized
 
@@ -302,11 +302,15 @@ class _Reloading(service.Service):
             _log.error("Configuration not reloaded, nothing changed: {why}", why=str(e))
             return
         logs, wanted = self._top.logs, (config.log_format, config.log_level)
-        if logs is not None and logs.settings != wanted:
-            # Said before the change, so that it passes the level it leaves.
-            _log.info("Logging from now on with log-format {kind}, log-level {least}",
-                      kind=wanted[0], least=wanted[1])
+        if logs is None or logs.settings == wanted:
+            return
+        # Said under the more verbose of the two levels, so that it is seen.
+        quieter = LogLevel.levelWithName(wanted[1]) > LogLevel.levelWithName(logs.settings[1])
+        if not quieter:
             logs.apply(*wanted)
+        _log.info("Logging from now on with log-format {kind}, log-level {least}",
+                  kind=wanted[0], least=wanted[1])
+        logs.apply(*wanted)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
