@@ -156,10 +156,13 @@ class TokenVerifier:
 
     @classmethod
     def from_config(cls, config: Any, reactor: Any = None, clock: Callable[[], float] = time.time,
-                    https_policy: Any = None) -> TokenVerifier:
+                    https_policy: Any = None, remote: RemoteKeys | None = None) -> TokenVerifier:
         """
         The verifier the configuration asks for (the keys, audience, issuer and leeway).  Keys that
         cannot be used are a L{ConfigError} naming C{jwt-secret}.
+
+        @param remote: the fetched keys of the verifier this one replaces (a reload): kept, with
+            their cache, when C{jwt-jwks-url} is the same.
         """
         local: KeySource | None = None
         if config.jwt_secret is not None:
@@ -175,8 +178,9 @@ class TokenVerifier:
                                    decode=decode)
             except KeySetError as e:
                 raise ConfigError(f'"jwt-secret": {e}') from None
-        remote: RemoteKeys | None = None
-        if config.jwt_jwks_url:
+        if remote is not None and remote.url != config.jwt_jwks_url:
+            remote = None
+        if config.jwt_jwks_url and remote is None:
             try:
                 remote = RemoteKeys(config.jwt_jwks_url, default_reactor(reactor), clock=clock,
                                     https_policy=https_policy)
@@ -187,6 +191,10 @@ class TokenVerifier:
 
     def __repr__(self) -> str:
         return "<TokenVerifier>"
+
+    @property
+    def remote(self) -> RemoteKeys | None:
+        return self._remote
 
     async def claims(self, token: str) -> dict[str, Any]:
         """The verified claims, or a 401 L{Refusal}."""
@@ -384,13 +392,20 @@ class Authorizer:
 
     def __init__(self, verifier: TokenVerifier, max_channels: int,
                  meta_channel: str | None = None) -> None:
-        self._verifier = verifier
-        self._max_channels = max_channels
         self._meta_channel = meta_channel
+        self.use(verifier, max_channels)
+
+    def use(self, verifier: TokenVerifier, max_channels: int) -> None:
+        """
+        Check what comes next with these (a reload): handshakes, and refreshes of sockets already
+        open, since a refresh is a new token.
+        """
+        self.verifier = verifier
+        self._max_channels = max_channels
 
     async def grant(self, requested: str | None, token: str) -> Grant:
         """What a handshake asking for C{requested} with C{token} may do, or a L{Refusal}."""
-        claims = await self._verifier.claims(token)
+        claims = await self.verifier.claims(token)
         return authorize(claims, requested, max_channels=self._max_channels,
                          meta_channel=self._meta_channel)
 

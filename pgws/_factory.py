@@ -6,6 +6,7 @@ message, the closing at shutdown).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +89,19 @@ class RelayFactory(WebSocketServerFactory):
             # Send the close frame (1007, 1009 ...) before dropping, so clients see why.
             failByDrop=False,
         )
+
+    def reconfigure(self, config: Config) -> None:
+        """
+        Reloaded settings, for the handshakes and sockets that come next: C{allowed-origins},
+        C{max-connections}, and the C{max-queued-messages} and C{jwt-leeway} of new sessions
+        (an open socket keeps those it opened with).
+        """
+        self.config = config
+        self.session_settings = dataclasses.replace(
+            self.session_settings, max_queued_messages=config.max_queued_messages,
+            leeway=config.jwt_leeway)
+        # Autobahn copies it into each protocol as it connects.
+        self.setProtocolOptions(maxConnections=config.max_connections)
 
     # -- the journal -----------------------------------------------------------------------------
 

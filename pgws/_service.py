@@ -27,6 +27,7 @@ from pgws._outbox import Sender
 from pgws._postgres import describe_dsn, describe_error
 from pgws._presence import Presence, PresenceTap, SqlStore, Store
 from pgws._reactor import default_reactor, fire_and_log, fired, within
+from pgws._reload import KEYS, LOGGING, RELOADED, changed_settings, keeping
 from pgws._routing import ListenChannelRouting, PerChannelRouting, Routing
 from pgws._web import RelayResource
 
@@ -68,6 +69,8 @@ class Relay(service.Service):
         reactor = default_reactor(reactor)
         self.config = config
         self._reactor = reactor
+        self._clock = clock
+        self._https_policy = https_policy
         self.db_uri = db_uri or config.db_uri
         if self.db_uri == "embedded":
             raise ValueError("start the embedded PostgreSQL first and pass its URI as db_uri")
@@ -141,6 +144,35 @@ class Relay(service.Service):
         self._started: defer.Deferred[None] | None = None
         self._stopped: defer.Deferred[None] | None = None
         self.exit_status = 0
+
+    def reload(self, config: Config) -> list[str]:
+        """
+        Apply a re-read configuration to what comes next, every socket staying open: the keys
+        and limits that L{pgws._reload} lists (C{log-*} are twistd's: see L{pgws._logs}).  An
+        open socket keeps its grant until its token's C{exp}; a refresh is checked anew.
+
+        @return: the changed settings that need a restart: they keep their running values, the
+            rest applies.
+        @raise ConfigError: the new keys cannot be used; nothing changed.
+        """
+        changed = [k for k in changed_settings(self.config, config) if k not in LOGGING]
+        refused = [k for k in changed if k not in RELOADED]
+        config = keeping(config, self.config, refused)
+        authorizer = self.factory.authorizer
+        verifier = authorizer.verifier
+        if any(k in KEYS for k in changed):
+            verifier = TokenVerifier.from_config(config, self._reactor, self._clock,
+                                                 self._https_policy, remote=verifier.remote)
+        authorizer.use(verifier, config.max_channels)
+        self.factory.reconfigure(config)
+        self.config = config
+        if refused:
+            _log.warn("Configuration reloaded without {keys}: changing them needs a restart",
+                      keys=", ".join(refused))
+        applied = [k for k in changed if k not in refused]
+        _log.info("Configuration reloaded: {what}",
+                  what=", ".join(applied) + " changed" if applied else "no relay setting changed")
+        return refused
 
     def _database_ready(self) -> bool:
         return self.listener.connected and (self.journal is None or self.journal.migrated) and (

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from pgws._config import SETTINGS, Config, ConfigError, env_names, load_config
 from pgws._embedded import EmbeddedPostgres, EmbeddedPostgresError
+from pgws._logs import LogOutput, twistd_destination
 from pgws._reactor import default_reactor
 from pgws._service import Relay
 from pgws._web import make_site
@@ -68,13 +71,21 @@ class Options(usage.Options):
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        self._cli: dict[str, Any] = {}
 
     def postOptions(self) -> None:
-        cli = {k: v for k, v in self.items() if k != "config" and v is not None}
+        self._cli = {k: v for k, v in self.items() if k != "config" and v is not None}
         try:
-            self.config = load_config(self["config"], self._environ, cli)
+            self.config = self.reread()
         except ConfigError as e:
             _fail(str(e), EXIT_CONFIG)
+
+    def reread(self) -> Config:
+        """
+        The configuration from the sources it came from at start: the same C{--config} file
+        (read again), the environment and the command line; or a L{ConfigError}.
+        """
+        return load_config(self["config"], self._environ, self._cli)
 
 
 class _EmbeddedPostgresService(service.Service):
@@ -232,12 +243,82 @@ class _GracefulExit(service.Service):
         self._reactor.callWhenRunning(signal.signal, signal.SIGINT, stop)
 
 
+class _Application(service.MultiService):
+    """
+    The top service.  twistd makes it a child of its application, and only then asks the
+    application for a log observer: pgws's (L{pgws._logs}) is set there, so that C{log-format}
+    and C{log-level} apply to everything twistd logs.
+
+    @param twistd_options: twistd's own options (where it logs), when twistd runs pgws.
+    """
+
+    def __init__(self, config: Config, twistd_options: Mapping[str, Any] | None) -> None:
+        super().__init__()
+        self._config = config
+        self._twistd_options = twistd_options
+        self.logs: LogOutput | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        config, options = self._config, self._twistd_options
+        if options is not None and isinstance(parent, Componentized) and \
+                parent.getComponent(ILogObserver) is None:
+            out = twistd_destination(options)
+            if out is not None:
+                self.logs = LogOutput(out, config.log_format, config.log_level)
+                parent.setComponent(ILogObserver, self.logs)
+            elif (config.log_format, config.log_level) != ("text", "info"):
+                _log.warn("log-format and log-level apply to twistd's log file or standard "
+                          "output only, not to --syslog or --logger")
+        super().setServiceParent(parent)
+
+
+class _Reloading(service.Service):
+    """
+    SIGHUP re-reads the configuration (L{Options.reread}) and applies what may change while
+    every socket stays open (L{Relay.reload}, then the log settings).  An invalid configuration
+    changes nothing and is one line in the log.
+    """
+
+    def __init__(self, reactor: Any, options: Options, relay: Relay, top: _Application) -> None:
+        self._reactor = reactor
+        self._options = options
+        self._relay = relay
+        self._top = top
+
+    def startService(self) -> None:
+        super().startService()
+        import signal
+
+        def reload(signum: int, frame: Any) -> None:
+            self._reactor.callFromThread(self.reload)
+
+        self._reactor.callWhenRunning(signal.signal, signal.SIGHUP, reload)
+
+    def reload(self) -> None:
+        try:
+            config = self._options.reread()
+            self._relay.reload(config)
+        except ConfigError as e:
+            _log.error("Configuration not reloaded, nothing changed: {why}", why=str(e))
+            return
+        logs, wanted = self._top.logs, (config.log_format, config.log_level)
+        if logs is None or logs.settings == wanted:
+            return
+        # Said under the more verbose of the two levels, so that it is seen.
+        quieter = LogLevel.levelWithName(wanted[1]) > LogLevel.levelWithName(logs.settings[1])
+        if not quieter:
+            logs.apply(*wanted)
+        _log.info("Logging from now on with log-format {kind}, log-level {least}",
+                  kind=wanted[0], least=wanted[1])
+        logs.apply(*wanted)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """The whole server: [embedded PostgreSQL], the relay, the listening port."""
     reactor = default_reactor(reactor)
     config = options.config
     raise_open_files_limit()
-    top = service.MultiService()
+    top = _Application(config, options.parent)
     _GracefulExit(reactor).setServiceParent(top)
     db_uri = config.db_uri
     if config.embedded:
@@ -255,6 +336,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     except ConfigError as e:  # the keys are parsed here (JWK/JWKS)
         _fail(str(e), EXIT_CONFIG)
     relay.setServiceParent(top)
+    _Reloading(reactor, options, relay, top).setServiceParent(top)
     if config.embedded:
         embedded.relay = relay
 
