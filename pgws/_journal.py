@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from pgws._auth import Refusal
 from pgws._channels import ChannelRegistry, position_frames
 from pgws._closing import CLOSE_INTERNAL_ERROR
-from pgws._journal_schema import JournalSchemaError, migration, wake_channel
+from pgws._journal_schema import migrate_until_done, migration, wake_channel
 from pgws._postgres import describe_error
 from pgws._reactor import backoff_delays, fire_and_log, fired, sleep, within
 
@@ -190,21 +190,12 @@ class Journal:
         Migrate the schema (retrying while the database is away), then prune in the background.
         A schema this pgws cannot use calls C{fatal(reason)}.
         """
-        delays = backoff_delays()
-        while not self.migrated:
-            try:
-                await self._db.run_transaction(migration(self.schema, self._max_payload))
-            except Exception as e:
-                why = describe_error(e)
-                if "upgrade pgws" in why or isinstance(e, JournalSchemaError):
-                    fatal(why)
-                    return
-                delay = next(delays)
-                _log.warn("Journal: migrating {schema} failed: {why}; retrying in {delay:.0f} s",
-                          schema=self.schema, why=why, delay=delay)
-                await sleep(self._reactor, delay)
-                continue
-            self.migrated = True
+        self.migrated = await migrate_until_done(
+            self._reactor, lambda: self._db.run_transaction(migration(self.schema,
+                                                                      self._max_payload)),
+            "Journal", self.schema, fatal)
+        if not self.migrated:
+            return
         _log.info("Journal ready in schema {schema}", schema=self.schema)
         self._migrated.callback(None)
         self._pruner = LoopingCall(lambda: fire_and_log(self.prune(), "journal pruning"))

@@ -30,9 +30,18 @@ delivery of that channel only.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 
-__all__ = ["JOURNAL_VERSION", "SCHEMA_VERSION", "JournalSchemaError", "migration", "preamble",
-           "quote_schema", "record_version", "wake_channel"]
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pgws._postgres import describe_error
+from pgws._reactor import backoff_delays, sleep
+
+__all__ = ["JOURNAL_VERSION", "SCHEMA_VERSION", "JournalSchemaError", "migrate_until_done",
+           "migration", "preamble", "quote_schema", "record_version", "wake_channel"]
+
+_log = Logger()
 
 # The newest layout this pgws knows (a schema above it is refused), and the journal's own.
 SCHEMA_VERSION = 2
@@ -44,6 +53,33 @@ _MIGRATION_LOCK = 0x70677773  # "pgws"
 
 class JournalSchemaError(Exception):
     """The journal schema cannot be used by this pgws: the text says why, in one line."""
+
+
+async def migrate_until_done(
+    reactor: IReactorTime, migrate: Callable[[], Awaitable[object]], feature: str, schema: str,
+    fatal: Callable[[str], None], stopping: Callable[[], bool] = lambda: False,
+) -> bool:
+    """
+    Run one feature's migration, retrying with back-off while the database is away: True once
+    it is done.  A schema this pgws cannot use (a newer version) calls C{fatal(reason)} and
+    gives False at once, as does C{stopping()} becoming true between attempts.
+    """
+    delays = backoff_delays()
+    while not stopping():
+        try:
+            await migrate()
+        except Exception as e:
+            why = describe_error(e)
+            if "upgrade pgws" in why or isinstance(e, JournalSchemaError):
+                fatal(why)
+                return False
+            delay = next(delays)
+            _log.warn("{feature}: migrating {schema} failed: {why}; retrying in {delay:.0f} s",
+                      feature=feature, schema=schema, why=why, delay=delay)
+            await sleep(reactor, delay)
+            continue
+        return True
+    return False
 
 
 def quote_schema(name: str) -> str:

@@ -65,7 +65,7 @@ from twisted.logger import Logger
 from pgws._auth import Grant
 from pgws._credentials import SUBPROTOCOL
 from pgws._frames import binary_frame
-from pgws._journal_schema import JournalSchemaError
+from pgws._journal_schema import migrate_until_done
 from pgws._listener import Notification, Reading, Sink
 from pgws._postgres import describe_error
 from pgws._presence_schema import (
@@ -428,23 +428,11 @@ class Presence:
         Migrate presence's objects (retrying while the database is away), then beat.  A schema
         this pgws cannot use calls C{fatal(reason)}.
         """
-        delays = backoff_delays()
-        while not self.migrated:
-            if self._stopping:
-                return
-            try:
-                await self._store.migrate()
-            except Exception as e:
-                why = describe_error(e)
-                if "upgrade pgws" in why or isinstance(e, JournalSchemaError):
-                    fatal(why)
-                    return
-                delay = next(delays)
-                _log.warn("Presence: migrating {schema} failed: {why}; retrying in {delay:.0f} s",
-                          schema=self.schema, why=why, delay=delay)
-                await sleep(self._reactor, delay)
-                continue
-            self.migrated = True
+        self.migrated = await migrate_until_done(
+            self._reactor, lambda: self._store.migrate(), "Presence", self.schema, fatal,
+            stopping=lambda: self._stopping)
+        if not self.migrated:
+            return
         _log.info("Presence ready in schema {schema}", schema=self.schema)
         self._beats = LoopingCall(self._beat)
         self._beats.clock = self._reactor
