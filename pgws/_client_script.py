@@ -44,3 +44,9 @@ class ClientScript(resource.Resource):
         if request.setETag(self._etag) == http.CACHED:  # If-None-Match matched: 304, no body
             return b""
         return self._body
+
+    def render_HEAD(self, request: server.Request) -> bytes:
+        """GET's headers and length, no body (twisted.web would warn about a HEAD body)."""
+        body = self.render_GET(request)
+        request.setHeader(b"content-length", str(len(body)).encode())
+        return b""

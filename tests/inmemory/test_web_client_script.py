@@ -11,8 +11,9 @@ from memory import MemoryRelay
 SHIPPED = resources.files("pgws").joinpath("static", "pgws.js").read_bytes()
 
 
-def get(relay: MemoryRelay, path: str, extra: str = "") -> tuple[int, dict[str, str], bytes]:
-    raw = relay.request(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode())
+def get(relay: MemoryRelay, path: str, extra: str = "", method: str = "GET",
+        ) -> tuple[int, dict[str, str], bytes]:
+    raw = relay.request(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode())
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {}
@@ -53,6 +54,29 @@ def test_an_unchanged_client_is_a_304_without_body(relay):
     assert headers["etag"] == etag
     status, _, body = get(relay, "/pgws.js", 'If-None-Match: "another"\r\n')
     assert (status, body) == (200, SHIPPED)
+
+
+def test_head_has_the_headers_and_length_without_a_body(relay):
+    from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+    from zope.interface import provider
+
+    logged: list[str] = []
+
+    @provider(ILogObserver)
+    def observer(event: dict) -> None:
+        logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        status, headers, body = get(relay, "/pgws.js", method="HEAD")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    # twisted.web logs a warning for a HEAD whose resource returns a body: this one has none.
+    assert not [line for line in logged if "returning a message body" in line], logged
+    assert (status, body) == (200, b"")
+    assert headers["content-length"] == str(len(SHIPPED))
+    assert headers["content-type"] == "text/javascript; charset=utf-8"
+    assert headers["etag"] == get(relay, "/pgws.js")[1]["etag"]
 
 
 def test_only_the_exact_path_is_the_client(relay):
