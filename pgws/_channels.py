@@ -69,6 +69,9 @@ class ChannelRegistry:
         # Readers catching up from the journal: its live messages skip them meanwhile.
         self._held: dict[str, set[Reader]] = {}
         self._read_on: dict[str, int] = {}  # database channel -> pgws channels read through it
+        # What was written to readers, ever (counted once per run, not per reader).
+        self.frames_sent = 0
+        self.bytes_sent = 0
 
     def add(self, channel: str, reader: Reader) -> None:
         readers = self._readers.get(channel)
@@ -101,6 +104,15 @@ class ChannelRegistry:
     def readers(self, channel: str) -> int:
         return len(self._readers.get(channel, ()))
 
+    def reader_counts(self) -> dict[str, int]:
+        """Every channel read now, and how many readers it has."""
+        return {channel: len(readers) for channel, readers in self._readers.items()}
+
+    @property
+    def database_channels(self) -> int:
+        """How many database channels are LISTENed for the readers."""
+        return len(self._read_on)
+
     def behind(self, channel: str, limit: int) -> tuple[int, int]:
         """(readers of C{channel} with more than C{limit} bytes not sent yet, all its readers)."""
         readers = self._readers.get(channel, ())
@@ -129,18 +141,22 @@ class ChannelRegistry:
         held = self._held.get(channel, ())
         plain = positioned = b""
         encode = self._encode_frame
-        count = 0
+        plain_readers = positioned_readers = 0
         for reader in list(readers):
             if reader in held:
                 continue
             if reader.wants_positions:
                 positioned = positioned or position_frames(channel, rows, encode)
                 reader.write_frames(positioned)
+                positioned_readers += 1
             else:
                 plain = plain or b"".join(encode(p.encode()) for _, p in rows)
                 reader.write_frames(plain)
-            count += 1
-        return count
+                plain_readers += 1
+        # A reader with positions gets two frames a message: its position, then its payload.
+        self.frames_sent += len(rows) * (plain_readers + 2 * positioned_readers)
+        self.bytes_sent += len(plain) * plain_readers + len(positioned) * positioned_readers
+        return plain_readers + positioned_readers
 
     def deliver(self, channel: str, payloads: list[bytes]) -> int:
         """
@@ -157,4 +173,7 @@ class ChannelRegistry:
         snapshot = list(readers)
         for reader in snapshot:
             reader.write_frames(frames)
-        return len(snapshot)
+        count = len(snapshot)
+        self.frames_sent += count * len(payloads)
+        self.bytes_sent += count * len(frames)
+        return count

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 
-from twisted.web import http, resource, server
+from twisted.web import http, server
+
+from pgws._getonly import GetOnlyResource
 
 __all__ = ["ClientScript", "SCRIPT_NAME"]
 
@@ -26,10 +28,8 @@ def _shipped() -> bytes:
     return resources.files("pgws").joinpath("static", "pgws.js").read_bytes()
 
 
-class ClientScript(resource.Resource):
+class ClientScript(GetOnlyResource):
     """The client file, read once (at start-up: a package without it fails then, not later)."""
-
-    isLeaf = True
 
     def __init__(self, body: bytes | None = None) -> None:
         super().__init__()
@@ -44,9 +44,3 @@ class ClientScript(resource.Resource):
         if request.setETag(self._etag) == http.CACHED:  # If-None-Match matched: 304, no body
             return b""
         return self._body
-
-    def render_HEAD(self, request: server.Request) -> bytes:
-        """GET's headers and length, no body (twisted.web would warn about a HEAD body)."""
-        body = self.render_GET(request)
-        request.setHeader(b"content-length", str(len(body)).encode())
-        return b""

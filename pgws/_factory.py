@@ -27,6 +27,7 @@ from pgws._protocol import RelayProtocol
 from pgws._reactor import fire_and_log
 from pgws._routing import PerChannelRouting, Routing
 from pgws._session import SessionSettings
+from pgws._tally import SocketTally
 
 __all__ = ["RelayFactory"]
 
@@ -70,6 +71,7 @@ class RelayFactory(WebSocketServerFactory):
         self.journal = journal
         self.presence: Presence | PresenceOff = presence or OFF
         self.sockets: set[RelayProtocol] = set()
+        self.tally = SocketTally()  # opened, refused, closed, messages in (see pgws._metrics)
         self.closing = False  # shutting down: no socket opens any more
         self.session_settings = SessionSettings(
             authorizer=authorizer, pool=pool, reactor=reactor, clock=clock,

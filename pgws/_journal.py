@@ -178,6 +178,7 @@ class Journal:
         self._pruner: LoopingCall | None = None
         self.migrated = False
         self._migrated: defer.Deferred[None] = defer.Deferred()
+        self.rows_read = 0  # journaled messages read for the live readers, ever (metrics)
 
     def deliver_to(self, registry: ChannelRegistry, backlog: Backlog) -> None:
         self._registry = registry
@@ -272,6 +273,20 @@ class Journal:
             return None
         return stream.epoch, stream.written
 
+    async def lag(self) -> dict[str, int]:
+        """
+        How many journaled messages each channel read here has that its live readers were not
+        written yet: the journal's head, read now, minus what the fan-out wrote.  One query.
+        """
+        streams = {c: s for c, s in self._streams.items() if s.ready.called}
+        if not streams:
+            return {}
+        rows = await self._query(
+            f"SELECT channel, head FROM {self.schema}.streams WHERE channel = ANY(%s)",
+            (list(streams),))
+        return {channel: max(0, int(head) - streams[channel].written)
+                for channel, head in rows if channel in streams}
+
     # -- live: wake-ups, reading, writing ------------------------------------------------------------
 
     def woken(self, payloads: list[str]) -> None:
@@ -318,6 +333,7 @@ class Journal:
                     return
                 if rows:
                     stream.fetched = rows[-1][0]
+                    self.rows_read += len(rows)
                     self._backlog.received_rows(stream.channel, rows)
                 if len(rows) == FETCH_ROWS or sum(len(p) for _, p in rows) >= FETCH_BYTES // 2:
                     stream.again = True  # there may be more

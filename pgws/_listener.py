@@ -167,6 +167,7 @@ class Listener:
         self.state = State.IDLE
         self.sessions = 0  # how many times the session was made ready
         self.losses = 0  # how many times it was lost (metrics, tests)
+        self.notifications = 0  # how many it received, ever (metrics)
 
     def deliver_to(self, sink: Sink) -> None:
         """Hand notifications to C{sink} (which may pause and resume this session's reading)."""
@@ -175,6 +176,7 @@ class Listener:
 
     def _received(self, notifications: list[Notification]) -> None:
         assert self._sink is not None, "deliver_to() was not called"
+        self.notifications += len(notifications)
         self._sink.received(notifications)
 
     @property

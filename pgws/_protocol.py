@@ -168,6 +168,7 @@ class RelayProtocol(WebSocketServerProtocol):
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """A refusal with its reason in the body, kept to one line (it may quote user input)."""
         line = " ".join(str(reason).splitlines())
+        self.factory.tally.refusal(code, line)
         # Autobahn logs this when it drops the connection: it may quote the request URI.
         self.wasNotCleanReason = redact(line)
         if code >= 500 or code not in (400, 401, 403):
@@ -187,6 +188,7 @@ class RelayProtocol(WebSocketServerProtocol):
         factory = self.factory
         self._writer = FrameWriter(self.transport, factory.reader_lag(), self._too_slow)
         factory.sockets.add(self)
+        factory.tally.opened[grant.mode] += 1
         self.session = Session(self, grant, requested, factory.session_settings)
         if self.wants_positions:
             factory.open_journaled(self, grant, resume)
@@ -205,9 +207,12 @@ class RelayProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.state != self.STATE_OPEN or self.session is None:
             return  # closing: what arrives now is not relayed
+        tally = self.factory.tally
         if isBinary:
+            tally.control_messages += 1
             self.session.control(payload)
         else:
+            tally.text_messages += 1
             self.session.message(payload.decode("utf-8"))  # Autobahn has checked it is UTF-8
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -220,8 +225,21 @@ class RelayProtocol(WebSocketServerProtocol):
         session, self.session = self.session, None
         if session is not None:
             session.closed()
+            self._count_close(wasClean, code)
             _log.info("WebSocket from {peer} closed: {code} {reason}", peer=self.peer,
                       code=code, reason=redact(reason or ""))
+
+    def _count_close(self, clean: bool, code: int | None) -> None:
+        """
+        By the code the side that began the close sent: Autobahn reports the peer's echo of
+        ours, or 1006 when the connection went without a closing handshake.
+        """
+        if self.closedByMe and self.localCloseCode is not None:
+            self.factory.tally.closed(self.localCloseCode, "server")
+        elif clean:
+            self.factory.tally.closed(code or 1005, "client")  # 1005: a close without a code
+        else:
+            self.factory.tally.closed(1006, "server" if self.droppedByMe else "client")
 
     def _leave_channels(self) -> None:
         grant = self.grant

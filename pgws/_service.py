@@ -22,6 +22,7 @@ from pgws._factory import RelayFactory
 from pgws._fanout import Fanout
 from pgws._journal import Following, Journal, matcher
 from pgws._listener import ConnectionFactory, ListenConnection, Listener
+from pgws._metrics import Metrics
 from pgws._notifypool import NotifyPool
 from pgws._outbox import Sender
 from pgws._postgres import describe_dsn, describe_error
@@ -29,6 +30,7 @@ from pgws._presence import Presence, PresenceTap, SqlStore, Store
 from pgws._reactor import default_reactor, fire_and_log, fired, within
 from pgws._reload import KEYS, LOGGING, RELOADED, changed_settings, keeping
 from pgws._routing import ListenChannelRouting, PerChannelRouting, Routing
+from pgws._tally import MeteredSender
 from pgws._web import RelayResource
 
 __all__ = ["Relay"]
@@ -82,7 +84,8 @@ class Relay(service.Service):
         notify_pool = NotifyPool(
             reactor, self.db_uri, config.db_pool, config.application_name,
             journal=(config.journal_schema, journaled) if journaled else None)
-        self.pool: Sender = pool or notify_pool
+        # Every client message's statement is timed and counted here (see pgws._metrics).
+        self.pool: Sender = MeteredSender(pool or notify_pool, reactor)
         self.journal: Journal | None = None
         if journaled is not None:
             self.journal = Journal(reactor, notify_pool, config.journal_schema, journaled,
@@ -141,6 +144,9 @@ class Relay(service.Service):
             journal=self.journal,
             presence=self.presence,
         )
+        self.metrics: Metrics | None = None
+        if config.metrics:
+            self.metrics = Metrics(self, reactor, config.metrics_channel_labels)
         self._started: defer.Deferred[None] | None = None
         self._stopped: defer.Deferred[None] | None = None
         self.exit_status = 0
@@ -209,10 +215,12 @@ class Relay(service.Service):
 
     def resource(self) -> RelayResource:
         """
-        The C{twisted.web} resource to mount: WebSockets, C{livez}/C{readyz}, and static files if
-        configured.
+        The C{twisted.web} resource to mount: WebSockets, C{livez}/C{readyz}, C{pgws.js},
+        C{metrics} (unless C{metrics = false}), and static files if configured.
         """
-        return RelayResource(self.factory, self.config.server_root, health=self)
+        metrics = (self.metrics.resource(self.config.metrics_token)
+                   if self.metrics is not None else None)
+        return RelayResource(self.factory, self.config.server_root, health=self, metrics=metrics)
 
     async def readiness(self) -> str | None:
         """None when relaying works (LISTEN session up, a pool statement answers), else why not."""

@@ -18,6 +18,7 @@ from twisted.web import http, resource, server
 
 from pgws._client_script import SCRIPT_NAME, ClientScript
 from pgws._factory import RelayFactory
+from pgws._getonly import GetOnlyResource
 from pgws._redact import redact_path
 
 with warnings.catch_warnings():
@@ -85,10 +86,8 @@ class Health(Protocol):
         """None when ready, else the reason it is not."""
 
 
-class _Live(resource.Resource):
+class _Live(GetOnlyResource):
     """The process serves HTTP: that is all liveness means."""
-
-    isLeaf = True
 
     def render_GET(self, request: server.Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -96,10 +95,8 @@ class _Live(resource.Resource):
         return b"ok\n"
 
 
-class _Ready(resource.Resource):
+class _Ready(GetOnlyResource):
     """200 when relaying works, 503 with the reason otherwise."""
-
-    isLeaf = True
 
     def __init__(self, health: Health) -> None:
         super().__init__()
@@ -127,11 +124,11 @@ class _Ready(resource.Resource):
 
 class RelayResource(resource.Resource):
     """WebSocket upgrades go to pgws; C{livez}/C{readyz} answer health checks; C{pgws.js} is the
-    JavaScript client (pgws's own, even if C{server-root} has a file of that name); other
-    requests get static files (or 404)."""
+    JavaScript client (pgws's own, even if C{server-root} has a file of that name); C{metrics}
+    the Prometheus metrics (when given); other requests get static files (or 404)."""
 
     def __init__(self, factory: RelayFactory, static_root: str | None = None,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, metrics: resource.Resource | None = None) -> None:
         super().__init__()
         self._websocket = _MountedWebSocketResource(factory)
         self._health: dict[bytes, resource.Resource] = {}
@@ -139,6 +136,7 @@ class RelayResource(resource.Resource):
             self._health = {b"livez": _Live(), b"readyz": _Ready(health)}
         self._static: resource.Resource | None = _StaticFiles(static_root) if static_root else None
         self._script = ClientScript()
+        self._metrics = metrics
 
     def getChildWithDefault(self, name: bytes, request: server.Request) -> resource.Resource:
         if _is_websocket(request):
@@ -150,6 +148,8 @@ class RelayResource(resource.Resource):
             return self._health[name]
         if name == SCRIPT_NAME and not request.postpath:
             return self._script
+        if name == b"metrics" and not request.postpath and self._metrics is not None:
+            return self._metrics
         if self._static is None:
             return _NOT_FOUND
         child: resource.Resource = self._static.getChildWithDefault(name, request)

@@ -1,0 +1,298 @@
+"""
+Prometheus metrics at C{GET /metrics} (C{metrics = true}, the default).
+
+The counters are the relay's own plain integers (L{pgws._tally}, the registry's, the listener's,
+the journal's), read only when a scrape asks: the hot paths pay an addition, never a lock or a
+label lookup.  A scrape is answered in the reactor thread with prometheus_client's text
+exposition (or OpenMetrics when the scraper asks for it); prometheus_client's own Twisted
+resource would run a WSGI app in the thread pool for what takes microseconds here.  Each relay
+has its own C{CollectorRegistry} (L{Metrics.registry}): a program that embeds pgws can scrape it
+or register its collector elsewhere.
+
+Labels never carry a channel name or a claim unless C{metrics-channel-labels} says so (one time
+series per channel: for a few fixed channels only).  With C{metrics-token} set, a scrape needs
+C{Authorization: Bearer <token>}; any other answer is 401 with C{WWW-Authenticate}.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from pgws._channels import ChannelRegistry
+from pgws._fanout import Fanout
+from pgws._getonly import GetOnlyResource
+from pgws._journal import Journal
+from pgws._listener import Listener
+from pgws._reactor import within
+from pgws._tally import NOTIFY_BUCKETS, MeteredSender, SocketTally
+
+__all__ = ["Metrics"]
+
+_log = Logger()
+
+MODES = ("r", "w", "rw")
+# A scrape waits this long at most for the journal's heads; without them the lag is left out.
+LAG_QUERY_SECONDS = 2.0
+
+
+class _Factory(Protocol):
+    @property
+    def sockets(self) -> set[Any]:
+        """Open sockets: each has C{grant} and C{outbox} (None, or len() messages waiting)."""
+
+    @property
+    def tally(self) -> SocketTally: ...
+
+
+class Parts(Protocol):
+    """What the metrics read of a relay (L{pgws.Relay} has all of it)."""
+
+    @property
+    def factory(self) -> _Factory: ...
+
+    @property
+    def registry(self) -> ChannelRegistry: ...
+
+    @property
+    def listener(self) -> Listener: ...
+
+    @property
+    def fanout(self) -> Fanout: ...
+
+    @property
+    def pool(self) -> Any:
+        """The NOTIFY pool: a L{MeteredSender} has figures."""
+
+    @property
+    def journal(self) -> Journal | None: ...
+
+
+class RelayCollector(Collector):
+    """The relay's figures as metric families, read from its parts at each scrape."""
+
+    def __init__(self, parts: Parts, channel_labels: bool) -> None:
+        self._parts = parts
+        self._channel_labels = channel_labels
+        self.journal_lag: dict[str, int] | None = None  # as of the last scrape (None: unknown)
+
+    def collect(self) -> Iterator[Metric]:
+        parts = self._parts
+        yield from self._sockets(parts.factory)
+        yield from self._channels(parts.registry)
+        yield from self._listener(parts.listener)
+        backlog, _ = parts.fanout.waiting()
+        yield GaugeMetricFamily("pgws_fanout_backlog",
+                                "Notifications and journaled messages waiting to be fanned out.",
+                                value=backlog)
+        yield CounterMetricFamily("pgws_fanout_frames", "WebSocket frames written to readers.",
+                                  value=parts.registry.frames_sent)
+        yield CounterMetricFamily("pgws_fanout_bytes",
+                                  "Bytes of WebSocket frames written to readers.",
+                                  value=parts.registry.bytes_sent)
+        if isinstance(parts.pool, MeteredSender):
+            yield from self._notify(parts.pool)
+        if parts.journal is not None:
+            yield from self._journal(parts.journal)
+
+    def _sockets(self, factory: _Factory) -> Iterator[Metric]:
+        tally = factory.tally
+        open_by_mode = dict.fromkeys(MODES, 0)
+        queued = 0
+        for socket in list(factory.sockets):
+            grant = socket.grant
+            if grant is not None:
+                open_by_mode[grant.mode] = open_by_mode.get(grant.mode, 0) + 1
+            if socket.outbox is not None:
+                queued += len(socket.outbox)
+        gauge = GaugeMetricFamily("pgws_websockets_open", "Open WebSockets, by mode.",
+                                  labels=["mode"])
+        opened = CounterMetricFamily("pgws_websockets_opened", "WebSockets opened, by mode.",
+                                     labels=["mode"])
+        for mode, count in open_by_mode.items():
+            gauge.add_metric([mode], count)
+            opened.add_metric([mode], tally.opened[mode])
+        yield gauge
+        yield opened
+        refused = CounterMetricFamily(
+            "pgws_handshakes_refused", "WebSocket handshakes refused, by HTTP status and reason.",
+            labels=["status", "reason"])
+        for (status, reason), count in sorted(tally.refused.items()):
+            refused.add_metric([str(status), reason], count)
+        yield refused
+        closes = CounterMetricFamily(
+            "pgws_websocket_closes",
+            "Open WebSockets closed, by close code and by the side that closed (server, client).",
+            labels=["code", "by"])
+        for (code, by), count in sorted(tally.closes.items()):
+            closes.add_metric([str(code), by], count)
+        yield closes
+        messages = CounterMetricFamily(
+            "pgws_client_messages_received",
+            "Messages received from clients: text (relayed) or control (binary).",
+            labels=["kind"])
+        messages.add_metric(["text"], tally.text_messages)
+        messages.add_metric(["control"], tally.control_messages)
+        yield messages
+        yield GaugeMetricFamily("pgws_outbox_messages",
+                                "Client messages waiting to be sent to PostgreSQL.", value=queued)
+
+    def _channels(self, registry: ChannelRegistry) -> Iterator[Metric]:
+        counts = registry.reader_counts()
+        yield GaugeMetricFamily("pgws_channels_read", "Channels with at least one reader.",
+                                value=len(counts))
+        yield GaugeMetricFamily("pgws_channels_listened",
+                                "Database channels LISTENed for readers.",
+                                value=registry.database_channels)
+        if self._channel_labels:
+            readers = GaugeMetricFamily("pgws_channel_readers", "Readers of each channel.",
+                                        labels=["channel"])
+            for channel, count in sorted(counts.items()):
+                readers.add_metric([channel], count)
+            yield readers
+
+    @staticmethod
+    def _listener(listener: Listener) -> Iterator[Metric]:
+        yield GaugeMetricFamily("pgws_listener_up", "1 while the LISTEN session is connected.",
+                                value=1 if listener.connected else 0)
+        yield CounterMetricFamily("pgws_notifications_received",
+                                  "Notifications received by the LISTEN session.",
+                                  value=listener.notifications)
+        yield CounterMetricFamily("pgws_listener_losses", "Times the LISTEN session was lost.",
+                                  value=listener.losses)
+        yield CounterMetricFamily("pgws_listener_reconnects",
+                                  "Times the LISTEN session was made again after a loss.",
+                                  value=max(0, listener.sessions - 1))
+
+    @staticmethod
+    def _notify(pool: MeteredSender) -> Iterator[Metric]:
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip(NOTIFY_BUCKETS, pool.bucket_counts[:-1], strict=True):
+            total += count
+            buckets.append((repr(bound), total))
+        buckets.append(("+Inf", pool.batches))
+        yield HistogramMetricFamily(
+            "pgws_notify_duration_seconds",
+            "Time of each NOTIFY statement (one batch of client messages), from the pool to "
+            "PostgreSQL's answer.", buckets=buckets, sum_value=pool.seconds)
+        yield CounterMetricFamily("pgws_notify_messages",
+                                  "Notifications sent by NOTIFY statements that succeeded.",
+                                  value=pool.notifications)
+        yield CounterMetricFamily("pgws_notify_failures", "NOTIFY statements that failed.",
+                                  value=pool.failures)
+
+    def _journal(self, journal: Journal) -> Iterator[Metric]:
+        yield CounterMetricFamily("pgws_journal_messages_read",
+                                  "Journaled messages read for the live readers.",
+                                  value=journal.rows_read)
+        lag = self.journal_lag
+        if lag is None:
+            return  # the heads could not be read: no figure rather than a wrong one
+        if self._channel_labels:
+            gauge = GaugeMetricFamily(
+                "pgws_journal_lag_messages",
+                "Journaled messages not yet written to the live readers, by channel.",
+                labels=["channel"])
+            for channel, count in sorted(lag.items()):
+                gauge.add_metric([channel], count)
+            yield gauge
+        else:
+            yield GaugeMetricFamily(
+                "pgws_journal_lag_messages",
+                "Journaled messages not yet written to the live readers (all channels).",
+                value=sum(lag.values()))
+
+
+class Metrics:
+    """
+    A relay's metrics: L{registry} (the relay's figures, and the process's: CPU, memory, file
+    descriptors, garbage collection) and the C{/metrics} resource.
+    """
+
+    def __init__(self, parts: Parts, reactor: Any, channel_labels: bool = False) -> None:
+        self._parts = parts
+        self._reactor = reactor
+        self.collector = RelayCollector(parts, channel_labels)
+        self.registry = CollectorRegistry()
+        self.registry.register(self.collector)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    async def refresh(self) -> None:
+        """What needs a query before a scrape: the journal's heads, for its lag."""
+        journal = self._parts.journal
+        if journal is None:
+            return
+        try:
+            self.collector.journal_lag = await within(
+                Deferred.fromCoroutine(journal.lag()), LAG_QUERY_SECONDS, self._reactor)
+        except Exception:
+            self.collector.journal_lag = None
+
+    def resource(self, token: str | None = None) -> resource.Resource:
+        return _MetricsResource(self, token)
+
+
+class _MetricsResource(GetOnlyResource):
+
+    def __init__(self, metrics: Metrics, token: str | None) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._expected = f"Bearer {token}".encode() if token is not None else None
+
+    def _authorized(self, request: server.Request) -> bool:
+        if self._expected is None:
+            return True
+        given = request.getHeader(b"authorization") or b""
+        return hmac.compare_digest(given, self._expected)  # in constant time
+
+    def render_GET(self, request: server.Request) -> Any:
+        request.setHeader(b"cache-control", b"no-store")
+        if not self._authorized(request):
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", b'Bearer realm="pgws metrics"')
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"metrics need Authorization: Bearer <metrics-token>\n"
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        d = Deferred.fromCoroutine(self._metrics.refresh())
+        d.addCallback(lambda _: self._answer(request, accept))
+        d.addErrback(self._failed, request)
+        return server.NOT_DONE_YET
+
+    @staticmethod
+    def _failed(failure: Any, request: server.Request) -> None:
+        _log.failure("metrics scrape failed", failure)
+        if request.finished or request._disconnected or request.startedWriting:
+            return
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.write(b"metrics failed: see the server's log\n")
+        request.finish()
+
+    def _answer(self, request: server.Request, accept: str) -> None:
+        if request.finished or request._disconnected:
+            return
+        encode, content_type = choose_encoder(accept)
+        body = encode(self._metrics.registry)
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        request.setHeader(b"content-length", str(len(body)).encode())
+        request.write(body)
+        request.finish()
