@@ -34,12 +34,12 @@ FULL = Params(fanout=[1, 100, 1000, 10000], ceiling_readers=1000, warmup=2.0, du
               batch=50, payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=10.0,
               channels=1000, channel_readers=10, writers=100, connections=[1000, 10000],
               journal_readers=1000, producers=4, producer_batch=100, resume_messages=10_000,
-              resume_rounds=3)
+              resume_rounds=3, metrics_readers=1000)
 QUICK = Params(fanout=[1, 1000], ceiling_readers=1000, warmup=0.5, duration=2.0, batch=50,
                payload_size=64, paced_readers=1000, paced_rate=100.0, paced_seconds=3.0,
                channels=100, channel_readers=10, writers=20, connections=[1000, 2000],
                journal_readers=1000, producers=4, producer_batch=100, resume_messages=10_000,
-               resume_rounds=3)
+               resume_rounds=3, metrics_readers=1000)
 
 
 def _ints(text: str) -> list[int]:
@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "connections, pg-ceiling, stack-ceiling, paced-ceiling, pg-writers, "
                          "baselines, journal-fanout-N, journal-writers, producers, "
                          "journal-producers, journal-resume, journal (the journal scenarios "
-                         "and their journal-off counterparts), all")
+                         "and their journal-off counterparts), metrics-off-fanout-N, "
+                         "metrics-on-fanout-N, metrics (both: pgws's metrics off, then on and "
+                         "scraped once a second), all")
     ap.add_argument("--profile", default=None,
                     help="scenarios to profile pgws in with py-spy after the runs, e.g. "
                          "fanout-1000,writers (default in a full run: fanout-1000, writers, "
@@ -89,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="messages journal-resume's reader misses, then gets replayed (10000)")
     g.add_argument("--resume-rounds", type=int,
                    help="resumes per journal-resume run; the median counts (3)")
+    g.add_argument("--metrics-readers", type=int,
+                   help="readers (N) of metrics-off-fanout-N and metrics-on-fanout-N (1000)")
     ap.add_argument("--quiet-cores", type=float, default=0.3,
                     help="before each scenario run, wait until other processes use fewer cores "
                          "than this (0.3) ...")
@@ -123,6 +127,8 @@ def select(names: list[str], spec: str, params: Params) -> list[str]:
         elif word == "journal":
             pairs = journal.counterparts(params)
             hits = [n for n in names if n.startswith("journal-") or n in pairs]
+        elif word == "metrics":
+            hits = [n for n in names if n.startswith("metrics-")]
         elif word in ("fanout", "stack-ceiling"):
             hits = [n for n in names if n.startswith(word + "-")]
         elif word.startswith("fanout-") and word not in names:
@@ -225,10 +231,23 @@ def brief(rec: dict[str, Any]) -> str:
     warn = rec.get("server_warnings") or {}
     if warn.get("count"):
         parts.append(f"pgws warnings {warn['count']}: {warn['first'][0][:120]}")
+    if rec.get("scrapes") is not None:
+        parts.append(scrape_brief(rec))
     if rec.get("steps"):
         parts.append("; ".join(f"{s['connections']}: {s['rss_per_conn_kb'] or 0:.1f} KB/conn"
                                for s in rec["steps"]) + f"; served {rec['served']}")
     return ", ".join(parts) + f" [{rec['seconds']:.0f} s]"
+
+
+def scrape_brief(rec: dict[str, Any]) -> str:
+    """The /metrics scrapes of a run in a few words."""
+    answers = ", ".join(f"{k}: {v}" for k, v in sorted(
+        {**rec.get("scrape_status", {}), **rec.get("scrape_errors", {})}.items()))
+    text = f"/metrics scrapes {rec['scrape_ok']} of {rec['scrapes']} answered 200 ({answers})"
+    if rec.get("scrape_ms_p50") is not None:
+        text += (f", {rec['scrape_ms_p50']:.1f} / max {rec['scrape_ms_max']:.1f} ms, "
+                 f"{rec['scrape_bytes_p50']:,.0f} / max {rec['scrape_bytes_max']:,.0f} bytes")
+    return text
 
 
 @dataclasses.dataclass

@@ -10,7 +10,11 @@ from typing import Any
 NUMERIC = ("value", "p50_ms", "p99_ms", "max_ms", "lg_cpu", "lg_cpu_producer", "srv_cpu",
            "srv_rss_mb", "pg_cpu", "sent_rate", "served", "connections", "rss0_mb", "host_cpu",
            "other_cpu", "per_srv_core", "messages_per_s", "upgrade_ms", "stream_event_ms",
-           "journal_rows", "value_before_cut", "seconds_before_cut")
+           "journal_rows", "value_before_cut", "seconds_before_cut", "scrapes", "scrape_ok",
+           "scrape_ms_p50", "scrape_ms_max", "scrape_bytes_p50", "scrape_bytes_max",
+           "scrape_samples", "scrape_cpu_s")
+# Figures that count things by kind (reason or status -> count): summed over the runs.
+COUNTS = ("scrape_status", "scrape_errors")
 
 
 def _median(values: list[Any]) -> Any:
@@ -31,10 +35,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             s["metric"], s["unit"] = good[0]["metric"], good[0]["unit"]
             for key in NUMERIC:
                 s[key] = _median([r.get(key) for r in good])
-            drops: Counter[str] = Counter()
-            for r in good:
-                drops.update(r.get("drops") or {})
-            s["drops"] = dict(drops)
+            s["drops"] = _summed(good, "drops")
+            s.update({key: _summed(good, key) for key in COUNTS if any(key in r for r in good)})
             if "steps" in good[0]:
                 steps = []
                 for i, step in enumerate(good[0]["steps"]):
@@ -45,6 +47,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 s["steps"] = steps
         out[name] = s
     return out
+
+
+def _summed(records: list[dict[str, Any]], key: str) -> dict[str, int]:
+    """A count-by-kind figure (e.g. drops) added up over the records."""
+    total: Counter[str] = Counter()
+    for r in records:
+        total.update(r.get(key) or {})
+    return dict(total)
 
 
 def ratios(summary: dict[str, dict[str, Any]], params: Any) -> list[dict[str, Any]]:
@@ -84,48 +94,83 @@ def ratios(summary: dict[str, dict[str, Any]], params: Any) -> list[dict[str, An
                      "value": f"{got:.0f} / {served:.0f}" if got is not None and served is not None
                      else None,
                      "target": f"{want} / {want}", "pass": ok})
-    return rows + journal_ratios(summary, params)
+    return rows + journal_ratios(summary, params) + metrics_ratios(summary, params)
+
+
+# The comparisons of one scenario with its counterpart (journal on / off, metrics on / off):
+# a row per figure, on / off, with a target or None ("info").
+
+
+def _figure(summary: dict[str, dict[str, Any]], name: str, key: str = "value") -> Any:
+    s = summary.get(name)
+    return s.get(key) if s else None
+
+
+def _ratio_of(summary: dict[str, dict[str, Any]], on: str, off: str,
+              key: str = "value") -> float | None:
+    a, b = _figure(summary, on, key), _figure(summary, off, key)
+    return a / b if a is not None and b else None
+
+
+def _row(what: str, value: Any, target: str | None, ok: Any) -> dict[str, Any]:
+    return {"what": what, "value": value, "target": target,
+            "pass": None if value is None or target is None else ok(value)}
 
 
 def journal_ratios(summary: dict[str, dict[str, Any]], params: Any) -> list[dict[str, Any]]:
     """The journal's targets: each journal-on figure against its journal-off counterpart."""
-    def val(name: str) -> float | None:
-        s = summary.get(name)
-        return s.get("value") if s else None
-
     def ratio(on: str, off: str) -> float | None:
-        a, b = val(on), val(off)
-        return a / b if a is not None and b else None
-
-    def row(what: str, value: float | None, target: str | None, ok: Any) -> dict[str, Any]:
-        return {"what": what, "value": value, "target": target,
-                "pass": None if value is None or target is None else ok(value)}
-
-    def before(name: str) -> float | None:
-        s = summary.get(name)
-        return s.get("value_before_cut") if s else None
+        return _ratio_of(summary, on, off)
 
     n = params.journal_readers
-    ms = val("journal-resume")
-    on, off = before(f"journal-fanout-{n}"), before(f"fanout-{n}")
+    ms = _figure(summary, "journal-resume")
     return [
-        row(f"journal-fanout-{n} / fanout-{n} (journal on / off), deliveries/s",
+        _row(f"journal-fanout-{n} / fanout-{n} (journal on / off), deliveries/s",
             ratio(f"journal-fanout-{n}", f"fanout-{n}"), ">= 0.5", lambda v: v >= 0.5),
-        row(f"journal-fanout-{n} / fanout-{n} while every reader was connected (seconds of the "
+        _row(f"journal-fanout-{n} / fanout-{n} while every reader was connected (seconds of the "
             "window before pgws cut the first one off), deliveries/s",
-            on / off if on is not None and off else None, None, None),
-        row(f"journal-fanout-{n}-plain / fanout-{n} (journal on, readers without positions / "
+            _ratio_of(summary, f"journal-fanout-{n}", f"fanout-{n}", "value_before_cut"), None,
+            None),
+        _row(f"journal-fanout-{n}-plain / fanout-{n} (journal on, readers without positions / "
             "off), deliveries/s", ratio(f"journal-fanout-{n}-plain", f"fanout-{n}"), None, None),
-        row(f"journal-writers / writers (journal on / off, {params.writers} writers), envelopes/s",
+        _row(f"journal-writers / writers (journal on / off, {params.writers} writers), envelopes/s",
             ratio("journal-writers", "writers"), None, None),
-        row(f"journal-producers / producers (<schema>.send / pg_notify, {params.producers} "
+        _row(f"journal-producers / producers (<schema>.send / pg_notify, {params.producers} "
             f"processes x {params.producer_batch} per transaction), messages/s",
             ratio("journal-producers", "producers"), ">= 0.5", lambda v: v >= 0.5),
-        row("journal-producers-array / producers (send(channel, payloads[]) per batch / "
+        _row("journal-producers-array / producers (send(channel, payloads[]) per batch / "
             "pg_notify), messages/s", ratio("journal-producers-array", "producers"), None, None),
-        row(f"journal-resume: connect to the {params.resume_messages:,}th replayed message, ms",
+        _row(f"journal-resume: connect to the {params.resume_messages:,}th replayed message, ms",
             ms, "< 1000", lambda v: v < 1000),
     ]
+
+
+def metrics_ratios(summary: dict[str, dict[str, Any]], params: Any) -> list[dict[str, Any]]:
+    """
+    The cost of metrics on fan-out, metrics-on-fanout-N (metrics = true, /metrics scraped once
+    a second) against metrics-off-fanout-N (metrics = false), without targets: deliveries/s on
+    / off, and pgws's CPU per delivered frame on / off (server cores / deliveries/s; from the
+    medians of deliveries per server core-second, off / on); then what the scrapes got.
+    """
+    n = params.metrics_readers
+    on, off = f"metrics-on-fanout-{n}", f"metrics-off-fanout-{n}"
+    rows = [
+        _row(f"{on} / {off} (metrics on and scraped / off), deliveries/s",
+             _ratio_of(summary, on, off), None, None),
+        _row(f"{on} / {off} while every reader was connected (seconds of the window before "
+             "pgws cut the first one off), deliveries/s",
+             _ratio_of(summary, on, off, "value_before_cut"), None, None),
+        _row(f"{on} / {off}, pgws CPU per delivered frame",
+             _ratio_of(summary, off, on, "per_srv_core"), None, None),
+    ]
+    made, ok = _figure(summary, on, "scrapes"), _figure(summary, on, "scrape_ok")
+    if made is not None:
+        answers = {**(_figure(summary, on, "scrape_status") or {}),
+                   **(_figure(summary, on, "scrape_errors") or {})}
+        shown = ", ".join(f"{k}: {v}" for k, v in sorted(answers.items()))
+        rows.append(_row(f"{on}: GET /metrics answered 200 (median of runs; all runs' answers "
+                         "by status or error)", f"{ok:.0f} of {made:.0f} ({shown})", None, None))
+    return rows
 
 
 def _fmt(v: Any, digits: int = 0) -> str:

@@ -9,16 +9,24 @@ The scenarios and baselines.  Each function runs one scenario once and returns a
     sent_rate                     what the producer / writers sent per second in the window
     drops                         connections the server closed or lost (reason -> count)
 
+    metrics, scrape_*             pgws's `metrics` setting; the /metrics scrapes (Scraper) of
+                                  metrics-on-fanout-N
+
 A fresh server process is started for every scenario run and stopped after it; the journal
-scenarios (bench/journal.py) start theirs with `--journal true`.
+scenarios (bench/journal.py) start theirs with `--journal true`.  Every pgws gets a config file
+with `metrics = true` (pgws's default), except metrics-off-fanout-N's with `metrics = false`;
+only metrics-on-fanout-N scrapes /metrics.
 """
 
 from __future__ import annotations
 
+import http.client
 import math
 import multiprocessing
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +66,8 @@ class Params:
     producer_batch: int = 100  # journal-producers, journal-resume: calls per transaction
     resume_messages: int = 10_000  # journal-resume: messages missed, then replayed
     resume_rounds: int = 3  # journal-resume: resumes per scenario run (the median counts)
+    # metrics-off-fanout-N / metrics-on-fanout-N: readers (N).
+    metrics_readers: int = 1000
 
 
 @dataclass
@@ -291,6 +301,87 @@ class Window:
                 "pg_cpu": (p1 - p0) / wall, "srv_rss_mb": rss / 1024 if server else None}
 
 
+SCRAPE_INTERVAL = 1.0  # seconds between the starts of two scrapes of /metrics
+SCRAPE_TIMEOUT = 5.0  # seconds a scrape may take (connect and whole answer)
+
+
+class Scraper:
+    """
+    A thread of the benchmark's own process that GETs http://127.0.0.1:<port>/metrics every
+    SCRAPE_INTERVAL seconds from t_begin (the warm-up's start) until t_end, as a Prometheus
+    server would, over a new connection each time.  A scrape that is late (the one before took
+    longer than the interval) starts at the next slot: scrapes never overlap.  Every answer is
+    counted by its status code and every failure (timeout, refused, reset) by its exception;
+    nothing is raised, so a pgws without /metrics (404) still yields the scenario's figures.
+    """
+
+    def __init__(self, port: int, timing: dict[str, float], path: str = "/metrics") -> None:
+        self.port, self.timing, self.path = port, timing, path
+        self.status: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.ms: list[float] = []
+        self.sizes: list[int] = []
+        self.content_type: str | None = None
+        self.samples: int | None = None  # lines of the last 200 answer that are not comments
+        self.cpu = 0.0
+        self.thread = threading.Thread(target=self._run, name="metrics-scraper", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        c0 = time.thread_time()
+        t = self.timing["t_begin"]
+        while t < self.timing["t_end"]:
+            sleep_until(t)
+            self._scrape()
+            t += SCRAPE_INTERVAL
+            while t < time.time():
+                t += SCRAPE_INTERVAL
+        self.cpu = time.thread_time() - c0
+
+    def _scrape(self) -> None:
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=SCRAPE_TIMEOUT)
+        try:
+            conn.request("GET", self.path, headers={"Accept": "text/plain"})
+            answer = conn.getresponse()
+            body = answer.read()
+        except (OSError, http.client.HTTPException) as e:
+            key = e.__class__.__name__
+            self.errors[key] = self.errors.get(key, 0) + 1
+            return
+        finally:
+            conn.close()
+        self.ms.append((time.perf_counter() - t0) * 1000)
+        self.sizes.append(len(body))
+        key = str(answer.status)
+        self.status[key] = self.status.get(key, 0) + 1
+        if answer.status == 200:
+            self.content_type = answer.getheader("Content-Type")
+            self.samples = sum(1 for line in body.decode("utf-8", "replace").splitlines()
+                               if line.strip() and not line.startswith("#"))
+
+    def figures(self) -> dict[str, Any]:
+        """
+        What the scrapes got; durations (request to the answer's last byte) and sizes (body
+        bytes) are of the answered scrapes, whatever their status.
+        """
+        self.thread.join(SCRAPE_TIMEOUT + SCRAPE_INTERVAL + 5)
+        answered = len(self.ms)
+        return {
+            "scrapes": answered + sum(self.errors.values()),
+            "scrape_ok": self.status.get("200", 0),
+            "scrape_status": dict(self.status), "scrape_errors": dict(self.errors),
+            "scrape_ms_p50": statistics.median(self.ms) if answered else None,
+            "scrape_ms_max": max(self.ms) if answered else None,
+            "scrape_bytes_p50": statistics.median(self.sizes) if answered else None,
+            "scrape_bytes_max": max(self.sizes) if answered else None,
+            "scrape_content_type": self.content_type, "scrape_samples": self.samples,
+            "scrape_cpu_s": self.cpu,
+        }
+
+
 def record(name: str, metric: str, unit: str, got: dict[str, Any], win: dict[str, Any],
            lg_results: list[dict[str, Any]], duration: float, **extra: Any) -> dict[str, Any]:
     lg_cpu = sum(r.get("cpu", 0.0) for r in lg_results) / win["wall"]
@@ -340,11 +431,15 @@ def reset_journal(env: Env) -> None:
         conn.close()
 
 
-def _start_pgws(env: Env, journal: bool = False) -> Pgws:
-    """A fresh pgws; with the journal, on empty journal tables."""
+def _start_pgws(env: Env, journal: bool = False, metrics: bool = True) -> Pgws:
+    """
+    A fresh pgws; with the journal, on empty journal tables.  `metrics` goes into its config
+    file (pgws's default, true, for every scenario but metrics-off-fanout-N).
+    """
     if journal:
         reset_journal(env)
-    server = Pgws(env.pg.uri, env.secret, env.workdir, JOURNAL_ARGS if journal else None)
+    server = Pgws(env.pg.uri, env.secret, env.workdir, JOURNAL_ARGS if journal else None,
+                  settings={"metrics": metrics})
     server.start()
     return server
 
@@ -356,26 +451,29 @@ def _check_open(opened: dict[str, Any], want: int, what: str) -> None:
 
 
 def _readers_server(env: Env, ceiling: bool, journal: bool, channels: list[str],
-                    per_channel: int) -> tuple[Any, list[str]]:
+                    per_channel: int, metrics: bool = True) -> tuple[Any, list[str]]:
     """The server of a readers scenario (started), and the readers' paths."""
     if ceiling:
         server: Any = Ceiling(env.workdir)
         server.start()
         return server, ["/ceiling"] * (len(channels) * per_channel)
-    server = _start_pgws(env, journal)
+    server = _start_pgws(env, journal, metrics)
     return server, [f"/{ch}/{env.token_r}" for ch in channels for _ in range(per_channel)]
 
 
 def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_channel: int,
             mode: str = "flood", rate: float = 0.0, duration: float | None = None,
             warmup: float | None = None, journal: bool = False,
-            positions: bool = True) -> dict[str, Any]:
+            positions: bool = True, metrics: bool = True,
+            scrape: bool = False) -> dict[str, Any]:
     """
     Readers on pgws (a producer notifies through PostgreSQL) or on the broadcast server.  With
     `journal`, pgws runs with the journal and the producer calls <schema>.send where it would
     call pg_notify, batched the same way; with `positions` the readers speak pgws's subprotocol
     (each message comes as its position's binary frame and the text frame; only text frames
-    are counted), else they get plain text frames as without the journal.
+    are counted), else they get plain text frames as without the journal.  `metrics` is pgws's
+    `metrics` setting; with `scrape`, a Scraper GETs /metrics once a second through the
+    warm-up and the window, and its figures join the record.
     """
     p = env.params
     duration = duration or p.duration
@@ -383,7 +481,7 @@ def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_chan
     server: Any = None
     fleet = producer = None
     try:
-        server, paths = _readers_server(env, ceiling, journal, channels, per_channel)
+        server, paths = _readers_server(env, ceiling, journal, channels, per_channel, metrics)
         fleet = Fleet(env, server.port, procs_for(len(paths)))
         opened = fleet.open(paths, p.concurrency,
                             protocol=SUBPROTOCOL if journal and positions else None)
@@ -394,6 +492,9 @@ def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_chan
                             f"{JOURNAL_SCHEMA}.send" if journal else "pg_notify")
             ready([producer])
         timing = timing_for(warmup, duration, 0.5 if mode == "paced" else 0.3)
+        scraper = Scraper(server.port, timing) if scrape else None
+        if scraper is not None:
+            scraper.start()
         fleet.go(timing)
         if producer is not None:
             producer.go(timing)
@@ -401,6 +502,7 @@ def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_chan
             go = f"go {timing['t_begin']} {timing['t_end']} {p.payload_size}"
             assert server.command(go + (f" {rate}" if mode == "paced" else "")) == "started"
         win = Window(env, server, timing).measure()
+        scraped = scraper.figures() if scraper is not None else {}
         res = fleet.results(timeout=duration + 60)
         prod: dict[str, Any] = producer.result(timeout=60) if producer else {"sent": 0, "cpu": 0.0}
         if producer is None:
@@ -415,6 +517,7 @@ def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_chan
                       lg_read_gap_ms=got["read_gap"] * 1000,
                       cut_off=cut, **before_cut(got["series"], timing, cut),
                       lg_cpu_producer=prod["cpu"] / win["wall"], journal=journal,
+                      metrics=None if ceiling else metrics, **scraped,
                       server_warnings=None if ceiling else server.warnings())
     finally:
         if producer:
@@ -427,6 +530,15 @@ def readers(env: Env, name: str, *, ceiling: bool, channels: list[str], per_chan
 
 def fanout(env: Env, n: int) -> dict[str, Any]:
     return readers(env, f"fanout-{n}", ceiling=False, channels=[FANOUT_CHANNEL], per_channel=n)
+
+
+def metrics_fanout(env: Env, n: int, on: bool) -> dict[str, Any]:
+    """
+    fanout-N with pgws's `metrics` setting off, or on with /metrics scraped once a second (the
+    cost of metrics on fan-out is the pair's ratio).
+    """
+    return readers(env, f"metrics-{'on' if on else 'off'}-fanout-{n}", ceiling=False,
+                   channels=[FANOUT_CHANNEL], per_channel=n, metrics=on, scrape=on)
 
 
 def stack_ceiling(env: Env) -> dict[str, Any]:
@@ -609,7 +721,8 @@ def connections(env: Env) -> dict[str, Any]:
 def catalogue(params: Params) -> list[tuple[str, Any]]:
     """
     Every scenario and baseline, in the order a run performs them; each journal scenario right
-    after its journal-off counterpart (bench/journal.py), so that the two see the same machine.
+    after its journal-off counterpart (bench/journal.py), and metrics-on-fanout-N right after
+    metrics-off-fanout-N, so that the two of a pair see the same machine.
     """
     from bench import journal
 
@@ -629,6 +742,13 @@ def catalogue(params: Params) -> list[tuple[str, Any]]:
         ("connections", connections),
     ]
     after = journal.catalogue_items(params)
+    # The metrics pair, one right after the other; after fanout-N (and its journal scenarios)
+    # when fanout-N is run, else after the last fanout.
+    n = params.metrics_readers
+    pair = [(f"metrics-off-fanout-{n}", lambda env: metrics_fanout(env, n, on=False)),
+            (f"metrics-on-fanout-{n}", lambda env: metrics_fanout(env, n, on=True))]
+    key = f"fanout-{n}" if n in fanouts else f"fanout-{fanouts[-1]}"
+    after[key] = after.get(key, []) + pair
     out: list[tuple[str, Any]] = []
     for item in items:
         out.append(item)

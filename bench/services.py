@@ -186,14 +186,35 @@ class _Process:
         return proc_rss_kb(self.pid)
 
 
-class Pgws(_Process):
-    """`twistd -n --logfile FILE pgws ...` on 127.0.0.1, any free port."""
+def _toml_value(value: Any) -> str:
+    """A bool, int or str as a TOML value (what pgws's config file takes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"no TOML form for {value!r} here")
 
-    def __init__(self, uri: str, secret: str, workdir: Path, extra: list[str] | None = None) -> None:
+
+class Pgws(_Process):
+    """
+    `twistd -n --logfile FILE pgws --config FILE ...` on 127.0.0.1, any free port.
+
+    The config file (pgws-<n>.conf in the work folder) holds `settings`: by default
+    `metrics = true`, pgws's own default, written out so that every run says what it ran with;
+    `metrics = false` for metrics-off-fanout-N.  Environment variables PGWS_METRICS* are left
+    out of pgws's environment, since they would override the file (the command line, which
+    carries the database, secret, address and `extra`, overrides both).
+    """
+
+    def __init__(self, uri: str, secret: str, workdir: Path, extra: list[str] | None = None,
+                 settings: dict[str, Any] | None = None) -> None:
         self.uri = uri
         self.secret = secret
         self.workdir = workdir
         self.extra = extra or []
+        self.settings: dict[str, Any] = {"metrics": True, **(settings or {})}
         self.proc: subprocess.Popen[Any] | None = None
         self.port = 0
         self.log = workdir / "pgws.log"
@@ -202,12 +223,18 @@ class Pgws(_Process):
         twistd = Path(sys.executable).parent / "twistd"
         n = len(list(self.workdir.glob("pgws-*.log")))
         self.log = self.workdir / f"pgws-{n}.log"
+        config = self.workdir / f"pgws-{n}.conf"
+        config.write_text("".join(f"{key} = {_toml_value(value)}\n"
+                                  for key, value in self.settings.items()))
         cmd = [str(twistd), "-n", "--logfile", str(self.log), "--pidfile", "", "pgws",
+               "--config", str(config),
                "--db-uri", self.uri, "--jwt-secret", self.secret, "--port", "0",
                "--server-host", "127.0.0.1", *self.extra]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("PGWS_METRICS")}
         err = open(self.workdir / f"pgws-{n}.stderr", "wb")
         self.proc = _track(subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                            stdout=err, stderr=err, preexec_fn=_die_with_parent))
+                                            stdout=err, stderr=err, env=environ,
+                                            preexec_fn=_die_with_parent))
         err.close()
         deadline = time.monotonic() + timeout
         while not self.port:
