@@ -56,3 +56,21 @@ async def test_without_server_root_plain_http_is_404(db_uri):
         assert response.body == b"not found\n"
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_path_is_pgws_s_when_on_and_a_file_when_off(db_uri, tmp_path):
+    (tmp_path / "metrics").write_text("a file named metrics")
+    on = await start_server(db_uri, server_root=str(tmp_path))
+    off = await start_server(db_uri, server_root=str(tmp_path), metrics="false")
+    try:
+        scraped = await http_request(on.port, get("/metrics"))
+        assert scraped.status == 200 and b"pgws_websockets_open" in scraped.body
+        served = await http_request(off.port, get("/metrics"))
+        assert (served.status, served.body) == (200, b"a file named metrics")
+        refused = await http_request(on.port, get("/livez").replace(b"GET", b"POST", 1))
+        assert (refused.status, refused.headers["allow"]) == (405, "GET, HEAD")
+        assert refused.body == b"method POST is not allowed here; use GET or HEAD\n"
+    finally:
+        await on.stop()
+        await off.stop()

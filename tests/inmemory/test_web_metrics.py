@@ -193,3 +193,14 @@ def test_openmetrics_when_asked_and_head_without_body():
 def test_no_metrics_when_off():
     relay = MemoryRelay(metrics="false")
     assert get(relay)[0::2] == (404, b"not found\n")
+
+
+def test_an_embedding_program_gets_the_registry():
+    from prometheus_client.exposition import generate_latest
+
+    relay = MemoryRelay()
+    relay.open("/chat/" + token(RW))
+    metrics = relay.relay.metrics
+    assert metrics is not None
+    assert b'pgws_websockets_open{mode="rw"} 1.0' in generate_latest(metrics.registry)
+    assert MemoryRelay(metrics="false").relay.metrics is None
