@@ -17,7 +17,7 @@ C{Authorization: Bearer <token>}; any other answer is 401 with C{WWW-Authenticat
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client.core import (
@@ -130,19 +130,12 @@ class RelayCollector(Collector):
             opened.add_metric([mode], tally.opened[mode])
         yield gauge
         yield opened
-        refused = CounterMetricFamily(
-            "pgws_handshakes_refused", "WebSocket handshakes refused, by HTTP status and reason.",
-            labels=["status", "reason"])
-        for (status, reason), count in sorted(tally.refused.items()):
-            refused.add_metric([str(status), reason], count)
-        yield refused
-        closes = CounterMetricFamily(
-            "pgws_websocket_closes",
-            "Open WebSockets closed, by close code and by the side that closed (server, client).",
-            labels=["code", "by"])
-        for (code, by), count in sorted(tally.closes.items()):
-            closes.add_metric([str(code), by], count)
-        yield closes
+        yield _counted("pgws_handshakes_refused",
+                       "WebSocket handshakes refused, by HTTP status and reason.",
+                       ["status", "reason"], tally.refused)
+        yield _counted("pgws_websocket_closes",
+                       "Open WebSockets closed, by close code and by the side that closed "
+                       "(server, client).", ["code", "by"], tally.closes)
         messages = CounterMetricFamily(
             "pgws_client_messages_received",
             "Messages received from clients: text (relayed) or control (binary).",
@@ -218,6 +211,15 @@ class RelayCollector(Collector):
                 "pgws_journal_lag_messages",
                 "Journaled messages not yet written to the live readers (all channels).",
                 value=sum(lag.values()))
+
+
+def _counted(name: str, documentation: str, labels: list[str],
+             counts: Mapping[tuple[Any, ...], int]) -> CounterMetricFamily:
+    """A counter family of a tally keyed by label values (only those that happened)."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in sorted(counts.items()):
+        family.add_metric([str(part) for part in key], count)
+    return family
 
 
 class Metrics:

@@ -381,6 +381,20 @@ class MemoryRelay:
         self.flush()
 
 
+def http_get(relay: MemoryRelay, path: str, extra: str = "", method: str = "GET",
+             ) -> tuple[int, dict[str, str], bytes]:
+    """A plain HTTP request (C{extra}: header lines); (status, headers by lower-case name, body)."""
+    raw = relay.request(
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, body
+
+
 def upgrade_request(path: str, extra: str = "") -> bytes:
     return (
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"

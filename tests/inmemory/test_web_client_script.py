@@ -7,20 +7,9 @@ from importlib import resources
 
 import pytest
 from memory import MemoryRelay
+from memory import http_get as get
 
 SHIPPED = resources.files("pgws").joinpath("static", "pgws.js").read_bytes()
-
-
-def get(relay: MemoryRelay, path: str, extra: str = "", method: str = "GET",
-        ) -> tuple[int, dict[str, str], bytes]:
-    raw = relay.request(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode())
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ")[1]), headers, body
 
 
 @pytest.fixture(params=["no server-root", "server-root with its own pgws.js"])

@@ -7,23 +7,15 @@ no /metrics with metrics = false.
 
 from __future__ import annotations
 
-from memory import EPOCH, MemoryRelay, status_and_body, token, upgrade_request
+from memory import EPOCH, MemoryRelay, http_get, status_and_body, token, upgrade_request
 from prometheus_client.parser import text_string_to_metric_families
 
 R, W, RW = {"mode": "r"}, {"mode": "w"}, {"mode": "rw"}
 
 
-def get(relay: MemoryRelay, path: str = "/metrics", extra: str = "", method: str = "GET",
+def get(relay: MemoryRelay, extra: str = "", method: str = "GET",
         ) -> tuple[int, dict[str, str], bytes]:
-    raw = relay.request(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
-                        .encode())
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ")[1]), headers, body
+    return http_get(relay, "/metrics", extra, method)
 
 
 def scrape(relay: MemoryRelay, extra: str = "") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
