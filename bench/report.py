@@ -163,6 +163,12 @@ def metrics_ratios(summary: dict[str, dict[str, Any]], params: Any) -> list[dict
         _row(f"{on} / {off}, pgws CPU per delivered frame",
              _ratio_of(summary, off, on, "per_srv_core"), None, None),
     ]
+    rows += [
+        _row("metrics-on-paced / metrics-off-paced (metrics on and scraped / off), pgws CPU",
+             _ratio_of(summary, "metrics-on-paced", "metrics-off-paced", "srv_cpu"), None, None),
+        _row("metrics-on-paced / metrics-off-paced, p99 latency",
+             _ratio_of(summary, "metrics-on-paced", "metrics-off-paced", "p99_ms"), None, None),
+    ]
     made, ok = _figure(summary, on, "scrapes"), _figure(summary, on, "scrape_ok")
     if made is not None:
         answers = {**(_figure(summary, on, "scrape_status") or {}),

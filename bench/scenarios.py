@@ -554,6 +554,19 @@ def paced(env: Env) -> dict[str, Any]:
                    duration=p.paced_seconds, warmup=min(1.0, p.warmup))
 
 
+def metrics_paced(env: Env, on: bool) -> dict[str, Any]:
+    """
+    paced with pgws's `metrics` setting off, or on with /metrics scraped once a second: below
+    saturation, so the pair's pgws CPU and latency show what metrics cost when nothing else
+    limits (the fan-out flood's figures move with when its readers get cut off).
+    """
+    p = env.params
+    return readers(env, f"metrics-{'on' if on else 'off'}-paced", ceiling=False,
+                   channels=[FANOUT_CHANNEL], per_channel=p.paced_readers, mode="paced",
+                   rate=p.paced_rate, duration=p.paced_seconds, warmup=min(1.0, p.warmup),
+                   metrics=on, scrape=on)
+
+
 def paced_ceiling(env: Env) -> dict[str, Any]:
     p = env.params
     return readers(env, "paced-ceiling", ceiling=True, channels=[FANOUT_CHANNEL],
@@ -749,6 +762,9 @@ def catalogue(params: Params) -> list[tuple[str, Any]]:
             (f"metrics-on-fanout-{n}", lambda env: metrics_fanout(env, n, on=True))]
     key = f"fanout-{n}" if n in fanouts else f"fanout-{fanouts[-1]}"
     after[key] = after.get(key, []) + pair
+    after["paced"] = after.get("paced", []) + [
+        ("metrics-off-paced", lambda env: metrics_paced(env, on=False)),
+        ("metrics-on-paced", lambda env: metrics_paced(env, on=True))]
     out: list[tuple[str, Any]] = []
     for item in items:
         out.append(item)
