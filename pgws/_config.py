@@ -19,14 +19,15 @@ import binascii
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pgws._channelname import ChannelNameError, check_channel_name
 
-__all__ = ["Config", "ConfigError", "SETTINGS", "Setting", "load_config", "env_names"]
+__all__ = ["Config", "ConfigError", "SETTINGS", "Setting", "env_names", "load_config",
+           "read_secret", "read_settings"]
 
 
 class ConfigError(Exception):
@@ -346,9 +347,60 @@ def load_config(
     return _validate(values)
 
 
-def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+def read_settings(keys: Collection[str], file: str | None, environ: Mapping[str, str],
+                  cli: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Only the settings C{keys}, merged as L{load_config} merges them (file < environment <
+    command line, each value converted to its type), the others neither read nor validated: for
+    a tool that needs a few settings of a server's configuration (C{pgws token} its keys).  A
+    C{$(NAME)} in the file need only be set where a setting asked for uses it.
+    """
+    wanted = [s for s in SETTINGS if s.key in keys]
+    values: dict[str, Any] = {s.key: s.default for s in wanted}
+    if file is not None:
+        in_file = read_config_file(file, _LenientEnvironment(environ))
+        for key in keys:
+            if key not in in_file:
+                continue
+            value = in_file[key]
+            unset = re.search("\0(.*?)\0", value) if isinstance(value, str) else None
+            if unset:
+                name = unset.group(1)
+                raise ConfigError(f'"{key}": environment variable {name} used as $({name}) is not '
+                                  "set")
+            values[key] = value
+    values.update(_from_environment(environ, wanted))
+    values.update({k: v for k, v in _from_command_line(cli).items() if k in keys})
+    return values
+
+
+class _LenientEnvironment(Mapping[str, str]):
+    """
+    The environment for L{read_settings}'s reading of the file: an unset C{$(NAME)} becomes a
+    marker instead of an error (a NUL cannot be in an environment variable, so the marker cannot
+    be mistaken for a value).
+    """
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __getitem__(self, name: str) -> str:
+        return self._environ.get(name, f"\0{name}\0")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._environ)
+
+    def __len__(self) -> int:
+        return len(self._environ)
+
+
+def _from_environment(environ: Mapping[str, str],
+                      settings: Iterable[Setting] = SETTINGS) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for setting in SETTINGS:
+    for setting in settings:
         for name in reversed(env_names(setting)):  # the canonical name wins over an alias
             if name in environ:
                 values[setting.key] = _convert(setting, environ[name], name)
@@ -394,7 +446,7 @@ def _validate(values: dict[str, Any]) -> Config:
     db_uri = _read_at_path(values["db-uri"], "db-uri").strip()
     if not db_uri:
         raise ConfigError('"db-uri" is empty')
-    secret, secret_file = _secret(values)
+    secret, secret_file = read_secret(values)
     url = values["jwt-jwks-url"]
     if url is not None and not url.startswith("https://"):
         raise ConfigError(f'"jwt-jwks-url": must be an https:// URL, got {_show(url)}')
@@ -462,8 +514,11 @@ def _check_journal(values: Mapping[str, Any]) -> None:
             raise ConfigError(f'"{name}": {values[name]} is presence\'s own channel')
 
 
-def _secret(values: Mapping[str, Any]) -> tuple[bytes | None, str | None]:
-    """The HMAC secret or key text (read from its file for "@path"), and that file."""
+def read_secret(values: Mapping[str, Any]) -> tuple[bytes | None, str | None]:
+    """
+    The HMAC secret or key text of merged settings (read from its file for "@path"), and that
+    file; (None, None) with C{jwt-jwks-url} and no secret.
+    """
     raw = values["jwt-secret"]
     if raw in (None, ""):
         if not values["jwt-jwks-url"]:

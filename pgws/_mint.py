@@ -43,7 +43,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
@@ -57,7 +57,7 @@ from jwt.utils import is_pem_format, is_ssh_key
 
 from pgws._auth import MAX_TOKEN_BYTES
 from pgws._channelname import ChannelNameError, check_channel_name
-from pgws._config import SETTINGS, ConfigError, _convert, _secret, env_names, read_config_file
+from pgws._config import ConfigError, read_secret, read_settings
 from pgws._keys import KeySetError, key_json, parse_key_json, parse_secret
 
 __all__ = ["CannotSign", "UsageError", "main", "mint", "parse_claim", "parse_duration"]
@@ -204,61 +204,17 @@ class KeySettings:
     iss: str | None
 
 
-class _LenientEnvironment(Mapping[str, str]):
-    """
-    The environment for reading the config file: an unset C{$(NAME)} becomes a marker instead of
-    an error, so that only the settings used here need their variables set (a NUL cannot be in
-    an environment variable, so the marker cannot be mistaken for a value).
-    """
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-
-    def __contains__(self, name: object) -> bool:
-        return True
-
-    def __getitem__(self, name: str) -> str:
-        return self._environ.get(name, f"\0{name}\0")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._environ)
-
-    def __len__(self) -> int:
-        return len(self._environ)
-
-
 def read_key_settings(config_file: str | None, environ: Mapping[str, str],
                       cli: Mapping[str, str | None]) -> KeySettings:
     """
     The settings of L{_KEY_SETTINGS}: file < environment < C{cli} (by key), as the server merges
     them.  Raises L{ConfigError}.
     """
-    by_key = {s.key: s for s in SETTINGS}
-    values: dict[str, Any] = {key: by_key[key].default for key in _KEY_SETTINGS}
-    if config_file is not None:
-        values.update(_from_file(config_file, environ))
-    for key in _KEY_SETTINGS:
-        for name in reversed(env_names(by_key[key])):  # the canonical name wins over an alias
-            if name in environ:
-                values[key] = _convert(by_key[key], environ[name], name)
-    for key, value in cli.items():
-        if value is not None:
-            values[key] = _convert(by_key[key], value, "--" + key)
+    values = read_settings(_KEY_SETTINGS, config_file, environ, cli)
     secret = None
     if values["jwt-secret"] not in (None, ""):
-        secret, _ = _secret(values)
+        secret, _ = read_secret(values)
     return KeySettings(secret, values["jwt-jwks-url"], values["jwt-aud"], values["jwt-iss"])
-
-
-def _from_file(config_file: str, environ: Mapping[str, str]) -> dict[str, Any]:
-    in_file = read_config_file(config_file, _LenientEnvironment(environ))
-    values = {key: in_file[key] for key in _KEY_SETTINGS if key in in_file}
-    for key, value in values.items():
-        unset = re.search("\0(.*?)\0", value) if isinstance(value, str) else None
-        if unset:
-            name = unset.group(1)
-            raise ConfigError(f'"{key}": environment variable {name} used as $({name}) is not set')
-    return values
 
 
 # -- keys --------------------------------------------------------------------------------------
