@@ -28,7 +28,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pgws._channelname import quote_ident
-from pgws._postgres import QuietConnection, connect_kwargs, describe_dsn, describe_error
+from pgws._postgres import (
+    QuietConnection,
+    close_quietly,
+    connect_kwargs,
+    describe_dsn,
+    describe_error,
+)
 from pgws._reactor import backoff_delays, fire_and_log, fired, sleep, within
 
 __all__ = ["ListenConnection", "Listener", "Sink", "State"]
@@ -208,17 +214,10 @@ class Listener:
         self.state = State.STOPPED
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
-        self._close(self._conn)
+        close_quietly(self._conn)
 
     def _stopped(self) -> bool:
         return self.state is State.STOPPED
-
-    @staticmethod
-    def _close(conn: Any) -> None:
-        try:
-            conn.close()
-        except Exception:
-            pass  # closing a connection that is already dead: nothing more to do
 
     # -- the connection's life ----------------------------------------------------------------
 
@@ -267,7 +266,7 @@ class Listener:
             if conn is self._conn:
                 # The next attempt gets a fresh connection: this one may still be connecting.
                 self._conn = self._fresh_connection()
-                self._close(conn)
+                close_quietly(conn)
             if self.state is State.LISTENING:
                 self.state = State.CONNECTING  # not connected until the next attempt says so
             return describe_error(e)
@@ -324,7 +323,7 @@ class Listener:
         self.state = State.CONNECTING
         old, self._conn = self._conn, self._fresh_connection()
         self._inflight.clear()
-        self._close(old)
+        close_quietly(old)
         self._reconnect()
 
     async def _check(self) -> None:

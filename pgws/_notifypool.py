@@ -18,7 +18,7 @@ from txpostgres import retrying
 from txpostgres.reconnection import DeadConnectionDetector
 from txpostgres.txpostgres import ConnectionPool
 
-from pgws._postgres import QuietConnection, connect_kwargs, describe_error
+from pgws._postgres import QuietConnection, close_quietly, connect_kwargs, describe_error
 
 __all__ = ["NotifyPool", "Pair"]
 
@@ -74,10 +74,7 @@ class NotifyPool:
 
     def stop(self) -> None:
         for conn in self._pool.connections:
-            try:
-                conn.close()
-            except Exception:
-                pass  # already closed or dead: nothing more to do
+            close_quietly(conn)
 
     def check(self) -> defer.Deferred[Any]:
         """A cheap statement through the pool: does sending work right now?"""

@@ -15,10 +15,18 @@ from twisted.logger import Logger
 from txpostgres.reconnection import ConnectionDead
 from txpostgres.txpostgres import Connection
 
-__all__ = ["QuietConnection", "connect_kwargs", "connection_trouble", "describe_dsn",
+__all__ = ["QuietConnection", "close_quietly", "connect_kwargs", "connection_trouble", "describe_dsn",
            "describe_error"]
 
 _log = Logger()
+
+
+def close_quietly(conn: Any) -> None:
+    """Close a txpostgres connection that may be dead or closed already: nothing more to do."""
+    try:
+        conn.close()
+    except Exception:
+        pass
 
 
 def connect_kwargs(application_name: str) -> dict[str, Any]:
