@@ -179,6 +179,7 @@ class Journal:
         self.migrated = False
         self._migrated: defer.Deferred[None] = defer.Deferred()
         self.rows_read = 0  # journaled messages read for the live readers, ever (metrics)
+        self.rows_replayed = 0  # journaled messages replayed to resuming readers, ever (metrics)
 
     def deliver_to(self, registry: ChannelRegistry, backlog: Backlog) -> None:
         self._registry = registry
@@ -454,6 +455,7 @@ class Journal:
             if not rows:
                 return  # pruned meanwhile: what is left comes live
             reader.write_frames(position_frames(stream.channel, rows))
+            self.rows_replayed += len(rows)
             position = rows[-1][0]
         # No reactor turn since the check above: the fan-out writes everything after it.
 

@@ -195,6 +195,10 @@ class RelayCollector(Collector):
         yield CounterMetricFamily("pgws_journal_messages_read",
                                   "Journaled messages read for the live readers.",
                                   value=journal.rows_read)
+        yield CounterMetricFamily("pgws_journal_messages_replayed",
+                                  "Journaled messages replayed to readers that resumed or asked "
+                                  "for history (not in pgws_fanout_frames_total).",
+                                  value=journal.rows_replayed)
         lag = self.journal_lag
         if lag is None:
             return  # the heads could not be read: no figure rather than a wrong one

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from test_journal import drop_schema, journal_server, new_schema, send
+from test_journal import (
+    drop_schema,
+    journal_server,
+    new_schema,
+    open_reader,
+    send,
+    until_seq,
+)
 
 from support import (
     Db,
@@ -129,11 +136,17 @@ async def test_journal_lag_and_reads(db_uri, db: Db):
         s = await scrape(server)
         assert value(s, "pgws_journal_messages_read_total") == 7
         assert value(s, "pgws_journal_lag_messages", channel="jobs") == 0
+        assert value(s, "pgws_journal_messages_replayed_total") == 0
+        late = await open_reader(server.port, "jobs", history=3)
+        await until_seq(late, "jobs", 7)
+        s = await scrape(server)
+        assert value(s, "pgws_journal_messages_replayed_total") == 3
+        assert value(s, "pgws_fanout_frames_total") == 7  # replays are not the fan-out's
         # The head moves on without a wake-up: three messages the journal has not read.
         db.execute(f"UPDATE {schema}.streams SET head = head + 3 WHERE channel = 'jobs'")
         s = await scrape(server)
         assert value(s, "pgws_journal_lag_messages", channel="jobs") == 3
-        assert value(s, "pgws_channel_readers", channel="jobs") == 1
+        assert value(s, "pgws_channel_readers", channel="jobs") == 2
     finally:
         if server is not None:
             await server.stop()
