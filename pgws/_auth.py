@@ -215,6 +215,7 @@ class TokenVerifier:
             raise Refusal(401, f"JWT algorithm {show_channel(str(alg))} is not accepted; "
                                f"use one of {', '.join(accepted)}")
         claims = self._decode(token, str(alg), usable)
+        _check_values(claims)
         self._check_times(claims)
         self._check_audience_and_issuer(claims)
         return claims
@@ -305,6 +306,31 @@ class TokenVerifier:
                 raise Refusal(401, "JWT audience is not accepted")
         if self._issuer is not None and claims.get("iss") != self._issuer:
             raise Refusal(401, "JWT issuer is not accepted")
+
+
+def _check_values(value: Any, depth: int = 0) -> None:
+    """
+    Every claim must survive the envelope (strict JSON, UTF-8): Python's JSON reader takes
+    NaN, Infinity and 1e400 (a float infinity) and lone surrogates (\\ud800), which would make
+    envelopes that are not JSON or cannot be sent at all.
+    """
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Refusal(401, "JWT payload has a number that is not finite")
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Refusal(401, "JWT payload has text that is not valid Unicode") from None
+    elif depth > 64:
+        raise Refusal(401, "JWT payload is nested too deeply")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(key, depth + 1)
+            _check_values(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_values(item, depth + 1)
 
 
 def authorize(claims: Mapping[str, Any], requested: str | None, *, max_channels: int | None = None,

@@ -164,8 +164,12 @@ def parse_secret(data: bytes) -> KeySet:
     if is_pem_format(data) or is_ssh_key(data):
         raise KeySetError("this is a PEM or SSH key, not an HMAC secret; give a public key as a JWK")
     notes: tuple[str, ...] = ()
+    if data.lstrip()[:1] in (b"{", b"["):
+        # A JWK cut short, or with a typo, would otherwise sign and check as an HMAC secret.
+        notes += ("the secret starts like JSON but is not a JWK or a JWKS (a JSON object with "
+                  '"kty" or "keys"); it is used as a plain HMAC secret',)
     if len(data) < 32:
-        notes = (f"the HMAC secret is {len(data)} bytes long; use at least 32 bytes (256 bits)",)
+        notes += (f"the HMAC secret is {len(data)} bytes long; use at least 32 bytes (256 bits)",)
     return KeySet((Key(None, dict.fromkeys(HMAC_ALGORITHMS, data), plain=True),), notes=notes)
 
 

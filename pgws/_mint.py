@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -72,6 +73,8 @@ _OPTION_CLAIMS = {"mode": "--mode", "channel": "--channel", "channels": "--chann
 # The settings read, by their keys in SETTINGS.
 _KEY_SETTINGS = ("jwt-secret", "secret-is-base64", "jwt-jwks-url", "jwt-aud", "jwt-iss")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# 9999-12-31T23:59:59Z: the latest exp any JWT library reads as a date.
+LAST_EXP = 253_402_300_799
 _PRIVATE_KEYS = (RSAPrivateKey, EllipticCurvePrivateKey, Ed25519PrivateKey, Ed448PrivateKey)
 
 
@@ -112,10 +115,20 @@ def parse_claim(text: str) -> tuple[str, Any]:
         raise UsageError(f"--claim {name}: use {_OPTION_CLAIMS[name]}")
     try:
         # NaN and Infinity are not JSON (pyjwt would write them anyway): they stay strings.
-        value = json.loads(raw, parse_constant=_not_json)
+        value = json.loads(raw, parse_constant=_not_json, parse_float=_finite(name))
     except ValueError:
         value = raw
     return name, value
+
+
+def _finite(name: str) -> Callable[[str], float]:
+    """A JSON number too large for a float (1e400) would be written as Infinity: refused."""
+    def parse(text: str) -> float:
+        number = float(text)
+        if not math.isfinite(number):
+            raise UsageError(f"--claim {name}: {_show(text)} is too large for a JSON number")
+        return number
+    return parse
 
 
 def _not_json(constant: str) -> NoReturn:
@@ -150,9 +163,10 @@ def _parser() -> _Parser:
                    help="the secret is base64 (default: the config's secret-is-base64)")
     p.add_argument("--kid", help="sign with this key of a JWKS (default: its first private key)")
     p.add_argument("--mode", required=True, metavar="r|w|rw", help="what the socket may do")
-    p.add_argument("--channel", metavar="C", help="the socket's channel")
+    p.add_argument("--channel", action="append", metavar="C", help="the socket's channel")
     p.add_argument("--channels", action="append", metavar="A,B",
-                   help="channels the token allows, comma-separated (may be repeated)")
+                   help="channels the token allows, comma-separated (may be repeated; spaces "
+                        "around a name are ignored)")
     p.add_argument("--exp", default=DEFAULT_EXP, metavar="DURATION",
                    help=f"lifetime: seconds, 30s, 15m, 1h, 7d, or none (default {DEFAULT_EXP})")
     p.add_argument("--claim", action="append", default=[], metavar="K=V",
@@ -165,13 +179,17 @@ def claims_from(args: argparse.Namespace, now: float) -> dict[str, Any]:
     if args.mode not in MODES:
         raise UsageError(f"--mode: must be r, w or rw, got {_show(args.mode)}")
     claims: dict[str, Any] = {"mode": args.mode}
+    channel = None
     if args.channel is not None:
-        claims["channel"] = _channel(args.channel, "--channel")
+        if len(args.channel) > 1:
+            raise UsageError("--channel: given twice; a token names one channel, --channels "
+                             "allows several")
+        channel = claims["channel"] = _channel(args.channel[0], "--channel")
     if args.channels is not None:
-        names = [name for value in args.channels for name in value.split(",")]
-        claims["channels"] = [_channel(name, "--channels") for name in names]
-        if args.channel is not None and args.channel not in claims["channels"]:
-            raise UsageError(f"--channel {_show(args.channel)} is not in --channels: the server "
+        names = [name.strip() for value in args.channels for name in value.split(",")]
+        claims["channels"] = list(dict.fromkeys(_channel(name, "--channels") for name in names))
+        if channel is not None and channel not in claims["channels"]:
+            raise UsageError(f"--channel {_show(channel)} is not in --channels: the server "
                              "would refuse every socket")
     for text in args.claim:
         name, value = parse_claim(text)
@@ -181,6 +199,9 @@ def claims_from(args: argparse.Namespace, now: float) -> dict[str, Any]:
     seconds = parse_duration(args.exp)
     if seconds is not None:
         claims["exp"] = int(now) + seconds
+        if claims["exp"] > LAST_EXP:
+            raise UsageError(f"--exp: {_show(args.exp)} is after the year 9999; use --exp none "
+                             "for a token that does not expire")
     return claims
 
 
@@ -227,6 +248,7 @@ class Signer:
     alg: str
     key: Any
     kid: str | None
+    notes: tuple[str, ...] = ()  # what the server says of this key when it loads it
 
 
 def signer_for(settings: KeySettings, kid: str | None = None) -> Signer:
@@ -244,7 +266,7 @@ def signer_for(settings: KeySettings, kid: str | None = None) -> Signer:
                              "(the server takes the public one as a JWK too)")
         if kid is not None:
             raise UsageError("--kid: the secret is a plain HMAC secret, which has no kid")
-        return Signer("HS256", secret, None)
+        return Signer("HS256", secret, None, parse_secret(secret).notes)
     try:
         parse_secret(secret)  # refuses what the server refuses, with its reason
         return _jwk_signer(key_json(secret) or {}, kid)
@@ -286,7 +308,10 @@ def _jwk_signer(obj: Mapping[str, Any], kid: str | None) -> Signer:
 
 
 def mint(claims: Mapping[str, Any], signer: Signer) -> tuple[str, list[str]]:
-    """The signed token, and pyjwt's warnings (a short HMAC key) as lines."""
+    """
+    The signed token, and warnings as lines: what the server says of the key (a short HMAC
+    secret, one that looks like a broken JWK), else pyjwt's.
+    """
     headers = {"kid": signer.kid} if signer.kid is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -294,7 +319,7 @@ def mint(claims: Mapping[str, Any], signer: Signer) -> tuple[str, list[str]]:
     if len(token) > MAX_TOKEN_BYTES:
         raise UsageError(f"the token is {len(token)} bytes long; the server refuses tokens over "
                          f"{MAX_TOKEN_BYTES} bytes")
-    return token, [str(w.message) for w in caught]
+    return token, list(signer.notes) or [str(w.message) for w in caught]
 
 
 # -- the command -------------------------------------------------------------------------------

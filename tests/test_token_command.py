@@ -228,6 +228,19 @@ def test_a_claim_that_is_not_json_is_a_string():
     assert [claims[k] for k in "abcde"] == ["NaN", "[1,", "", "x=y", None]
 
 
+def test_channels_are_trimmed_and_each_named_once():
+    status, out, _ = call("--secret", SECRET, "--mode", "r", "--channels", "a, b", "--channels", "a")
+    assert status == 0
+    assert decode(out.strip())["channels"] == ["a", "b"]
+
+
+def test_a_secret_that_starts_like_json_but_is_no_key_mints_with_a_warning():
+    status, out, err = call("--secret", '{"kty":"RSA"' + "x" * 40, "--mode", "r")
+    assert status == 0
+    assert err == ("pgws token: warning: the secret starts like JSON but is not a JWK or a JWKS (a "
+                   'JSON object with "kty" or "keys"); it is used as a plain HMAC secret\n')
+
+
 def test_a_short_secret_mints_with_one_warning_line_that_does_not_quote_it():
     status, out, err = call("--secret", "tiny-secret", "--mode", "r", "--channel", "c")
     assert status == 0 and decode(out.strip(), "tiny-secret")["mode"] == "r"
@@ -279,6 +292,13 @@ def test_unknown_command_is_one_line_and_status_2():
     (("--mode", "r", "--channel", "x" * 64), {}, 2,
      f'--channel: channel "{"x" * 64}" is 64 bytes long; the limit is 63'),
     (("--mode", "r", "--channels", "a,,b"), {}, 2, "--channels: channel name is empty"),
+    (("--mode", "r", "--channel", "a", "--channel", "b"), {}, 2,
+     "--channel: given twice; a token names one channel, --channels allows several"),
+    (("--mode", "r", "--claim", "x=[1, 2e400]"), {}, 2,
+     '--claim x: "2e400" is too large for a JSON number'),
+    (("--mode", "r", "--exp", "99999999999999999d"), {}, 2,
+     '--exp: "99999999999999999d" is after the year 9999; use --exp none for a token that does '
+     "not expire"),
     (("--mode", "r", "--claim", "big=" + "x" * 9000), {}, 2,
      "the token is 12132 bytes long; the server refuses tokens over 8192 bytes"),
     (("--mode", "r", "--kid", "k"), {}, 2, "--kid: the secret is a plain HMAC secret, which has no kid"),

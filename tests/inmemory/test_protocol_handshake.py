@@ -6,9 +6,13 @@ ways of carrying the token outside the URL.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from typing import Any
 
-from memory import EPOCH, MemoryRelay, status_and_body, token, upgrade_request
+import pytest
+from memory import EPOCH, SECRET, MemoryRelay, status_and_body, token, upgrade_request
 
 GOOD = token({"mode": "rw"})
 
@@ -358,3 +362,32 @@ def test_token_in_subprotocol_without_pgws_offered_opens_with_no_subprotocol():
     client = relay.open("/chat", protocols=["pgws.bearer." + token({"mode": "r"})])
     assert client.opened
     assert client.protocol.websocket_protocol_in_use is None
+
+
+def signed(payload_json: str) -> str:
+    """A token whose payload is exactly this JSON text (jwt.encode would normalise it)."""
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    head = b64(b'{"alg":"HS256","typ":"JWT"}') + "." + b64(payload_json.encode())
+    mac = hmac.new(SECRET.encode(), head.encode(), hashlib.sha256).digest()
+    return head + "." + b64(mac)
+
+
+@pytest.mark.parametrize("payload, line", [
+    ('{"mode":"rw","x":Infinity}', "JWT payload has a number that is not finite"),
+    ('{"mode":"rw","x":NaN}', "JWT payload has a number that is not finite"),
+    ('{"mode":"rw","x":[1e400]}', "JWT payload has a number that is not finite"),
+    ('{"mode":"rw","sub":"\\ud800"}', "JWT payload has text that is not valid Unicode"),
+    ('{"mode":"rw","a":{"\\udfff":1}}', "JWT payload has text that is not valid Unicode"),
+    ('{"mode":"rw","deep":' + "[" * 100 + "]" * 100 + "}", "JWT payload is nested too deeply"),
+    ('{"mode":"rw","deep":' + "[" * 3000 + "]" * 3000 + "}", "JWT is malformed"),
+])
+def test_claims_an_envelope_could_not_carry_are_401(payload, line):
+    # Python's JSON reader takes each of these; the envelope (strict JSON, UTF-8) could not.
+    assert_refused(relay_for_refusals(), "/chat/" + signed(payload), 401, line)
+
+
+def test_nested_claims_within_reason_are_accepted():
+    nested = '{"mode":"rw","deep":' + "[" * 60 + "1.5" + "]" * 60 + ',"e":"\\u00e9\\ud83d\\ude00"}'
+    client = relay_for_refusals().open("/chat/" + signed(nested))
+    assert (client.opened, client.closed) == (True, None)
