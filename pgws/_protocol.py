@@ -13,7 +13,8 @@ L{pgws._credentials}).  The token decides what the socket may do (see L{pgws._au
 an HTTP response before any WebSocket opens, with a one-line C{text/plain} body saying why:
 
     400  the path is not /<channel>/<jwt> or /<jwt>
-    401  no token, or a malformed, badly signed, expired or not-yet-valid token
+    401  no token, or a malformed, badly signed, expired or not-yet-valid token, or one whose
+         claims an envelope cannot carry (NaN, Infinity, lone surrogates, nesting over 64)
     403  a valid token that does not allow the request (mode, channel, channel name)
     503  the database is unavailable, max-connections is reached, or the server is shutting down
 
