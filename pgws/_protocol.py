@@ -170,13 +170,13 @@ class RelayProtocol(WebSocketServerProtocol):
         """A refusal with its reason in the body, kept to one line (it may quote user input)."""
         line = " ".join(str(reason).splitlines())
         self.factory.tally.refusal(code, line)
-        # Autobahn logs this when it drops the connection: it may quote the request URI.
+        # Should Autobahn log this, it may quote the request URI.
         self.wasNotCleanReason = redact(line)
         if code >= 500 or code not in (400, 401, 403):
             _log.info("WebSocket handshake from {peer} failed: {code} {reason}", peer=self.peer,
                       code=code, reason=redact(line))
         self.sendData(refusal_response(code, line, responseHeaders or ()))
-        self.dropConnection(abort=False)
+        self._drop(abort=False)
 
     # -- open socket ---------------------------------------------------------------------------
 
@@ -259,7 +259,16 @@ class RelayProtocol(WebSocketServerProtocol):
                   "limit {limit})", peer=self.peer, pending=pending, limit=limit)
         self.close_with(CLOSE_POLICY, f"reader too slow: over {limit} bytes waiting to be sent")
         self._leave_channels()
-        self.dropConnection(abort=True)
+        self._drop(abort=True)
+
+    def _drop(self, abort: bool) -> None:
+        """
+        Drop a connection whose reason pgws has logged: Autobahn logs the drop of a connection
+        that did not close cleanly once more, as a warning, so every refusal and cut-off would be
+        two lines, one of them a warning even under C{log-level = "warn"}.
+        """
+        self.wasClean = True  # Autobahn then logs the drop at debug level
+        self.dropConnection(abort=abort)
 
     # -- what the session and the factory ask of the socket --------------------------------------
 

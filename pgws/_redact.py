@@ -9,7 +9,9 @@ import re
 
 __all__ = ["redact"]
 
-_JWT = re.compile(r"[A-Za-z0-9_\-=%]+\.[A-Za-z0-9_\-=%]+\.[A-Za-z0-9_\-=%]*")
+# A JWT's header is base64 of at least '{"alg":"none"}', 20 characters: a shorter first part is a
+# host name or a dotted channel name (evil.example.com, orders.eu.west), which the log should show.
+_JWT = re.compile(r"[A-Za-z0-9_\-=%]{16,}\.[A-Za-z0-9_\-=%]+\.[A-Za-z0-9_\-=%]*")
 # A JWT's header is base64 of '{"...', so it starts with "eyJ"; a cut-off token still does.
 _JWT_START = re.compile(r"eyJ[A-Za-z0-9_\-=%.+/]*")
 _LONG = re.compile(r"[A-Za-z0-9_\-=%+]{32,}")

@@ -391,3 +391,27 @@ def test_nested_claims_within_reason_are_accepted():
     nested = '{"mode":"rw","deep":' + "[" * 60 + "1.5" + "]" * 60 + ',"e":"\\u00e9\\ud83d\\ude00"}'
     client = relay_for_refusals().open("/chat/" + signed(nested))
     assert (client.opened, client.closed) == (True, None)
+
+
+def test_a_refusal_is_one_info_line_and_no_warning():
+    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+    from zope.interface import provider
+
+    relay = relay_for_refusals(allowed_origins="https://good.example")
+    logged: list[tuple[Any, str]] = []
+
+    @provider(ILogObserver)
+    def observer(event: dict[str, Any]) -> None:
+        logged.append((event.get("log_level"), formatEvent(event)))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        refused(relay, "/chat/not-a-token")
+        refused(relay, "/chat/" + token({"mode": "r"}), "Origin: https://evil.example.com\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    lines = [text for level, text in logged if "127.0.0.1" in text]
+    assert lines == ["refused WebSocket from tcp4:127.0.0.1:40000: 401 JWT is malformed",
+                     'refused WebSocket from tcp4:127.0.0.1:40001: 403 origin '
+                     '"https://evil.example.com" is not allowed']
+    assert not [text for level, text in logged if level >= LogLevel.warn]
