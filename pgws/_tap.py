@@ -297,17 +297,24 @@ class _Reloading(service.Service):
     def reload(self) -> None:
         try:
             config = self._options.reread()
-            self._relay.reload(config)
         except ConfigError as e:
             _log.error("Configuration not reloaded, nothing changed: {why}", why=str(e))
             return
         logs, wanted = self._top.logs, (config.log_format, config.log_level)
-        if logs is None or logs.settings == wanted:
-            return
-        # Said under the more verbose of the two levels, so that it is seen.
-        quieter = LogLevel.levelWithName(wanted[1]) > LogLevel.levelWithName(logs.settings[1])
-        if not quieter:
+        before = logs.settings if logs is not None else wanted
+        # What the reload says is said under the more verbose of the two levels, to be seen.
+        louder = LogLevel.levelWithName(wanted[1]) <= LogLevel.levelWithName(before[1])
+        if logs is not None and before != wanted and louder:
             logs.apply(*wanted)
+        try:
+            self._relay.reload(config)
+        except ConfigError as e:
+            if logs is not None:
+                logs.apply(*before)
+            _log.error("Configuration not reloaded, nothing changed: {why}", why=str(e))
+            return
+        if logs is None or before == wanted:
+            return
         _log.info("Logging from now on with log-format {kind}, log-level {least}",
                   kind=wanted[0], least=wanted[1])
         logs.apply(*wanted)

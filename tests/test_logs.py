@@ -116,6 +116,9 @@ async def test_log_level_warn_drops_info_lines_and_sighup_changes_it(db_uri, tmp
         conf.write_text(conf.read_text().replace('log-level = "warn"', 'log-level = "info"'))
         server.proc.send_signal(signal.SIGHUP)
         await until(lambda: "log-level info" in server.text(), "the new log level")
+        # What the reload itself says is logged under the new, more verbose level.
+        assert [r["text"] for r in records(server) if "Configuration reloaded:" in r["text"]] == [
+            "Configuration reloaded: no relay setting changed"]
         client.close()
         await until(lambda: "closed: 1000" in server.text(), "an info line after the reload")
     finally:
