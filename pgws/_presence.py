@@ -136,7 +136,8 @@ def malformed(message: Mapping[str, Any]) -> str | None:
         if key not in ("presence", "after", "stop"):
             return f"malformed presence request: unknown key {json.dumps(key)}"
     after = message.get("after")
-    if "after" in message and not (isinstance(after, str) and after):
+    # A cursor is a member's name: never empty, never with NUL (PostgreSQL's text has none).
+    if "after" in message and not (isinstance(after, str) and after and "\x00" not in after):
         return 'malformed presence request: "after" must be the "next" of an answer'
     if "stop" in message and message["stop"] is not True:
         return 'malformed presence request: "stop" must be true'

@@ -508,6 +508,8 @@ def refusal(reason: str, channel: str | None = "room") -> dict[str, Any]:
      'malformed presence request: "after" must be the "next" of an answer', "room"),
     ({"presence": "room", "after": ""},
      'malformed presence request: "after" must be the "next" of an answer', "room"),
+    ({"presence": "room", "after": "a\u0000"},
+     'malformed presence request: "after" must be the "next" of an answer', "room"),
     ({"presence": "room", "stop": False}, 'malformed presence request: "stop" must be true',
      "room"),
     ({"presence": "room", "stop": True, "after": "a"},
