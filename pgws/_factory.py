@@ -21,7 +21,7 @@ from pgws._credentials import SUBPROTOCOL
 from pgws._envelope import NOTIFY_PAYLOAD_LIMIT
 from pgws._framewriter import ReaderLag
 from pgws._journal import Journal, Resume, parse_resume
-from pgws._outbox import Sender
+from pgws._outbox import Sender, Waiting
 from pgws._presence import OFF, Presence, PresenceOff
 from pgws._protocol import RelayProtocol
 from pgws._reactor import fire_and_log
@@ -91,6 +91,11 @@ class RelayFactory(WebSocketServerFactory):
             # Send the close frame (1007, 1009 ...) before dropping, so clients see why.
             failByDrop=False,
         )
+
+    @property
+    def waiting(self) -> Waiting:
+        """Client messages on their way to PostgreSQL, across every socket (for metrics)."""
+        return self.session_settings.waiting
 
     def reconfigure(self, config: Config) -> None:
         """

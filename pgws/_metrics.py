@@ -3,9 +3,11 @@ Prometheus metrics at C{GET /metrics} (C{metrics = true}, the default).
 
 The counters are the relay's own plain integers (L{pgws._tally}, the registry's, the listener's,
 the journal's), read only when a scrape asks: the hot paths pay an addition, never a lock or a
-label lookup.  A scrape is answered in the reactor thread with prometheus_client's text
-exposition (or OpenMetrics when the scraper asks for it); prometheus_client's own Twisted
-resource would run a WSGI app in the thread pool for what takes microseconds here.  Each relay
+label lookup.  The journal's lag, the one figure that needs a query, is read every
+L{LAG_REFRESH_SECONDS} by L{Metrics.start}'s loop: a scrape never reaches the database.  A
+scrape is answered in the reactor thread with prometheus_client's text exposition (or
+OpenMetrics when the scraper asks for it); prometheus_client's own Twisted resource would run a
+WSGI app in the thread pool for what takes microseconds here.  Each relay
 has its own C{CollectorRegistry} (L{Metrics.registry}): a program that embeds pgws can scrape it
 or register its collector elsewhere.
 
@@ -32,6 +34,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -40,6 +43,7 @@ from pgws._fanout import Fanout
 from pgws._getonly import GetOnlyResource
 from pgws._journal import Journal
 from pgws._listener import Listener
+from pgws._outbox import Waiting
 from pgws._reactor import within
 from pgws._tally import NOTIFY_BUCKETS, MeteredSender, SocketTally
 
@@ -48,7 +52,10 @@ __all__ = ["Metrics"]
 _log = Logger()
 
 MODES = ("r", "w", "rw")
-# A scrape waits this long at most for the journal's heads; without them the lag is left out.
+# The journal's lag is read this often (one query), not at each scrape: an unauthenticated
+# scrape must not cost the database anything, however often it comes.
+LAG_REFRESH_SECONDS = 5.0
+# A refresh waits this long at most for the journal's heads; without them the lag is left out.
 LAG_QUERY_SECONDS = 2.0
 
 
@@ -59,6 +66,9 @@ class _Factory(Protocol):
 
     @property
     def tally(self) -> SocketTally: ...
+
+    @property
+    def waiting(self) -> Waiting: ...
 
 
 class Parts(Protocol):
@@ -90,7 +100,7 @@ class RelayCollector(Collector):
     def __init__(self, parts: Parts, channel_labels: bool) -> None:
         self._parts = parts
         self._channel_labels = channel_labels
-        self.journal_lag: dict[str, int] | None = None  # as of the last scrape (None: unknown)
+        self.journal_lag: dict[str, int] | None = None  # as of the last refresh (None: unknown)
 
     def collect(self) -> Iterator[Metric]:
         parts = self._parts
@@ -98,7 +108,7 @@ class RelayCollector(Collector):
         yield from self._channels(parts.registry)
         yield from self._listener(parts.listener)
         backlog, _ = parts.fanout.waiting()
-        yield GaugeMetricFamily("pgws_fanout_backlog",
+        yield GaugeMetricFamily("pgws_fanout_backlog_messages",
                                 "Notifications and journaled messages waiting to be fanned out.",
                                 value=backlog)
         yield CounterMetricFamily("pgws_fanout_frames", "WebSocket frames written to readers.",
@@ -114,13 +124,10 @@ class RelayCollector(Collector):
     def _sockets(self, factory: _Factory) -> Iterator[Metric]:
         tally = factory.tally
         open_by_mode = dict.fromkeys(MODES, 0)
-        queued = 0
         for socket in list(factory.sockets):
             grant = socket.grant
             if grant is not None:
                 open_by_mode[grant.mode] = open_by_mode.get(grant.mode, 0) + 1
-            if socket.outbox is not None:
-                queued += len(socket.outbox)
         gauge = GaugeMetricFamily("pgws_websockets_open", "Open WebSockets, by mode.",
                                   labels=["mode"])
         opened = CounterMetricFamily("pgws_websockets_opened", "WebSockets opened, by mode.",
@@ -133,18 +140,22 @@ class RelayCollector(Collector):
         yield _counted("pgws_handshakes_refused",
                        "WebSocket handshakes refused, by HTTP status and reason.",
                        ["status", "reason"], tally.refused)
-        yield _counted("pgws_websocket_closes",
-                       "Open WebSockets closed, by close code and by the side that closed "
-                       "(server, client).", ["code", "by"], tally.closes)
+        yield _counted("pgws_websockets_closed",
+                       "Open WebSockets closed, by the code of the side that began the close "
+                       "(server, client); a client's 3000-4999 as 3xxx, 4xxx.", ["code", "by"],
+                       tally.closes)
         messages = CounterMetricFamily(
             "pgws_client_messages_received",
-            "Messages received from clients: text (relayed) or control (binary).",
+            "Messages received from clients: text (to relay) or control (binary).",
             labels=["kind"])
         messages.add_metric(["text"], tally.text_messages)
         messages.add_metric(["control"], tally.control_messages)
         yield messages
-        yield GaugeMetricFamily("pgws_outbox_messages",
-                                "Client messages waiting to be sent to PostgreSQL.", value=queued)
+        yield GaugeMetricFamily(
+            "pgws_outbox_messages",
+            "Client messages not yet in PostgreSQL: queued, in the statement in flight, or kept "
+            "while the database is away (closed sockets' included until sent).",
+            value=factory.waiting.messages)
 
     def _channels(self, registry: ChannelRegistry) -> Iterator[Metric]:
         counts = registry.reader_counts()
@@ -165,7 +176,8 @@ class RelayCollector(Collector):
         yield GaugeMetricFamily("pgws_listener_up", "1 while the LISTEN session is connected.",
                                 value=1 if listener.connected else 0)
         yield CounterMetricFamily("pgws_notifications_received",
-                                  "Notifications received by the LISTEN session.",
+                                  "Notifications received by the LISTEN session (the journal's "
+                                  "wake-ups and presence's announcements included).",
                                   value=listener.notifications)
         yield CounterMetricFamily("pgws_listener_losses", "Times the LISTEN session was lost.",
                                   value=listener.losses)
@@ -235,6 +247,7 @@ class Metrics:
     def __init__(self, parts: Parts, reactor: Any, channel_labels: bool = False) -> None:
         self._parts = parts
         self._reactor = reactor
+        self._refresher: LoopingCall | None = None
         self.collector = RelayCollector(parts, channel_labels)
         self.registry = CollectorRegistry()
         self.registry.register(self.collector)
@@ -242,8 +255,21 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
+    def start(self) -> None:
+        """Read what needs a query (the journal's lag) now and every L{LAG_REFRESH_SECONDS}."""
+        if self._parts.journal is None or self._refresher is not None:
+            return
+        self._refresher = LoopingCall(lambda: Deferred.fromCoroutine(self.refresh()))
+        self._refresher.clock = self._reactor
+        self._refresher.start(LAG_REFRESH_SECONDS, now=True)
+
+    def stop(self) -> None:
+        if self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
+        self._refresher = None
+
     async def refresh(self) -> None:
-        """What needs a query before a scrape: the journal's heads, for its lag."""
+        """Read the journal's heads, for its lag (left out of scrapes when they cannot be read)."""
         journal = self._parts.journal
         if journal is None:
             return
@@ -262,13 +288,14 @@ class _MetricsResource(GetOnlyResource):
     def __init__(self, metrics: Metrics, token: str | None) -> None:
         super().__init__()
         self._metrics = metrics
-        self._expected = f"Bearer {token}".encode() if token is not None else None
+        self._expected = token.encode() if token is not None else None
 
     def _authorized(self, request: server.Request) -> bool:
         if self._expected is None:
             return True
-        given = request.getHeader(b"authorization") or b""
-        return hmac.compare_digest(given, self._expected)  # in constant time
+        scheme, _, given = (request.getHeader(b"authorization") or b"").strip().partition(b" ")
+        # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._expected)
 
     def render_GET(self, request: server.Request) -> Any:
         request.setHeader(b"cache-control", b"no-store")
@@ -278,27 +305,13 @@ class _MetricsResource(GetOnlyResource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"metrics need Authorization: Bearer <metrics-token>\n"
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")
-        d = Deferred.fromCoroutine(self._metrics.refresh())
-        d.addCallback(lambda _: self._answer(request, accept))
-        d.addErrback(self._failed, request)
-        return server.NOT_DONE_YET
-
-    @staticmethod
-    def _failed(failure: Any, request: server.Request) -> None:
-        _log.failure("metrics scrape failed", failure)
-        if request.finished or request._disconnected or request.startedWriting:
-            return
-        request.setResponseCode(500)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.write(b"metrics failed: see the server's log\n")
-        request.finish()
-
-    def _answer(self, request: server.Request, accept: str) -> None:
-        if request.finished or request._disconnected:
-            return
         encode, content_type = choose_encoder(accept)
-        body = encode(self._metrics.registry)
+        try:
+            body = encode(self._metrics.registry)
+        except Exception:
+            _log.failure("metrics scrape failed")
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"metrics failed: see the server's log\n"
         request.setHeader(b"content-type", content_type.encode("latin-1"))
-        request.setHeader(b"content-length", str(len(body)).encode())
-        request.write(body)
-        request.finish()
+        return body

@@ -23,7 +23,7 @@ from pgws._notifypool import Pair
 from pgws._postgres import connection_trouble, describe_error
 from pgws._reactor import backoff_delays, fire_and_log, sleep
 
-__all__ = ["MAX_BATCH", "Outbox", "Sender"]
+__all__ = ["MAX_BATCH", "Outbox", "Sender", "Waiting"]
 
 _log = Logger()
 
@@ -43,6 +43,19 @@ class Sender(Protocol):
 
     def check(self) -> defer.Deferred[Any]:
         """A cheap statement: does sending work right now?"""
+
+
+class Waiting:
+    """
+    How many client messages wait to reach PostgreSQL, across every outbox of a server: queued,
+    in the statement in flight, or kept while the database is away; a closed socket's outbox
+    counts until it has sent what it was given (for metrics).
+    """
+
+    __slots__ = ("messages",)
+
+    def __init__(self) -> None:
+        self.messages = 0
 
 
 class Outbox:
@@ -69,6 +82,7 @@ class Outbox:
         on_overflow: Callable[[int], None] | None = None,
         pause: Callable[[], None] | None = None,
         resume: Callable[[], None] | None = None,
+        waiting: Waiting | None = None,
     ) -> None:
         self._pool = pool
         self._on_error = on_error
@@ -76,6 +90,7 @@ class Outbox:
         self._max_queued = max_queued
         self._on_overflow = on_overflow
         self._pause, self._resume = pause, resume
+        self._waiting = waiting or Waiting()
         self._paused = False
         self._pending: collections.deque[list[Pair]] = collections.deque()  # one list per message
         self._running = False
@@ -93,6 +108,7 @@ class Outbox:
             return
         # The same pair twice in one transaction is folded by PostgreSQL: it is one NOTIFY.
         self._pending.append(list(dict.fromkeys(pairs)))
+        self._waiting.messages += 1
         if self.away and len(self._pending) > self._max_queued:
             self._overflow()
             return
@@ -107,6 +123,7 @@ class Outbox:
     def _overflow(self) -> None:
         count = len(self._pending)
         self._pending.clear()
+        self._waiting.messages -= count
         self._closed = True
         if self._on_overflow is not None:
             self._on_overflow(count)
@@ -157,6 +174,7 @@ class Outbox:
                     delays = backoff_delays(first=0.25, cap=5.0)
                     _log.info("database back: sending queued messages")
                 self.sent += len(batch)
+                self._waiting.messages -= len(batch)
                 if self._paused and len(self._pending) < self.LOW_WATER:
                     self._release()
         finally:
@@ -183,6 +201,7 @@ class Outbox:
         """PostgreSQL refused the statement: what waits would meet the same fate."""
         lost = len(batch) + len(self._pending)
         self._pending.clear()
+        self._waiting.messages -= lost
         self._on_error(f"database error, {plural(lost, 'message')} not sent: "
                        f"{describe_error(error)}")
 

@@ -252,6 +252,8 @@ class Relay(service.Service):
             fire_and_log(self.journal.start(self._journal_unusable), "journal start")
         if self.presence is not None:
             fire_and_log(self.presence.start(self._presence_unusable), "presence start")
+        if self.metrics is not None:
+            self.metrics.start()  # the journal's lag, read every few seconds
 
     def whenReady(self) -> defer.Deferred[None]:
         """Fires once the first connection attempts are over (for tests and start-up order)."""
@@ -275,6 +277,8 @@ class Relay(service.Service):
         outboxes = [s.outbox for s in sockets if s.outbox is not None]
         self.factory.close_all(CLOSE_GOING_AWAY, "server shutting down")
         self.listener.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.journal is not None:
             self.journal.stop()
         waits = [o.flushed() for o in outboxes]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -26,7 +26,7 @@ from pgws._closing import (
     plural,
 )
 from pgws._envelope import NOTIFY_PAYLOAD_LIMIT, EnvelopeEncoder, envelope_size
-from pgws._outbox import Outbox, Sender
+from pgws._outbox import Outbox, Sender, Waiting
 from pgws._presence import OFF
 from pgws._reactor import fire_and_log
 from pgws._redact import redact
@@ -77,6 +77,7 @@ class SessionSettings:
     audit_channel: str | None = None
     meta_channel: str | None = None
     presence: PresenceRequests = OFF
+    waiting: Waiting = field(default_factory=Waiting)  # every outbox's messages, for metrics
 
 
 def _too_big(size: int, limit: int) -> str:
@@ -110,7 +111,7 @@ class Session:
             self.outbox = Outbox(settings.pool, self.database_failed, settings.reactor,
                                  max_queued=settings.max_queued_messages,
                                  on_overflow=self.queue_overflowed, pause=socket.pause_reading,
-                                 resume=socket.resume_reading)
+                                 resume=socket.resume_reading, waiting=settings.waiting)
         self._envelopes = EnvelopeEncoder(grant.claims) if grant.can_write else None
         self._expiry: IDelayedCall | None = None
         self._ignored_reported = False

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from pgws._outbox import Sender
 
-__all__ = ["NOTIFY_BUCKETS", "MeteredSender", "SocketTally", "refusal_class"]
+__all__ = ["NOTIFY_BUCKETS", "MeteredSender", "SocketTally", "close_class", "refusal_class"]
 
 
 def refusal_class(status: int, reason: str) -> str:
@@ -60,7 +60,7 @@ class SocketTally:
     def __init__(self) -> None:
         self.opened: collections.Counter[str] = collections.Counter()
         self.refused: collections.Counter[tuple[int, str]] = collections.Counter()
-        self.closes: collections.Counter[tuple[int, str]] = collections.Counter()
+        self.closes: collections.Counter[tuple[str, str]] = collections.Counter()
         self.text_messages = 0
         self.control_messages = 0
 
@@ -68,7 +68,22 @@ class SocketTally:
         self.refused[(status, refusal_class(status, reason))] += 1
 
     def closed(self, code: int, by: str) -> None:
-        self.closes[(code, by)] += 1
+        self.closes[(close_class(code) if by == "client" else str(code), by)] += 1
+
+
+def close_class(code: int) -> str:
+    """
+    A client's close code as a label value: the codes RFC 6455 and IANA define stay themselves,
+    the application ranges are folded (a client may send any of 2000 codes: one time series
+    each would be unbounded).
+    """
+    if 1000 <= code <= 1015:
+        return str(code)
+    if 3000 <= code <= 3999:
+        return "3xxx"
+    if 4000 <= code <= 4999:
+        return "4xxx"
+    return "other"
 
 
 # Upper bounds (seconds) of the NOTIFY statement latency histogram: a statement on loopback takes
@@ -102,7 +117,7 @@ class MeteredSender:
         count = len(pairs)
 
         def sent(result: None) -> None:
-            took = self._reactor.seconds() - began
+            took = max(0.0, self._reactor.seconds() - began)  # a wall clock may step back
             self.bucket_counts[bisect.bisect_left(NOTIFY_BUCKETS, took)] += 1
             self.seconds += took
             self.notifications += count

@@ -82,7 +82,7 @@ def test_figures_after_known_traffic():
     assert value(s, "pgws_channels_read") == 2
     assert value(s, "pgws_channels_listened") == 2
     assert value(s, "pgws_listener_up") == 1
-    assert value(s, "pgws_fanout_backlog") == 0
+    assert value(s, "pgws_fanout_backlog_messages") == 0
     assert value(s, "pgws_outbox_messages") == 0
     assert ("pgws_channel_readers", (("channel", "chat"),)) not in s  # no channel names
     assert "process_open_fds" in {name for name, _ in s}
@@ -111,14 +111,48 @@ def test_closes_by_code_and_side_and_listener_loss():
     relay.db.session.kill()
     relay.flush()
     s = scrape(relay)
-    assert value(s, "pgws_websocket_closes_total", code="1000", by="client") == 1
-    assert value(s, "pgws_websocket_closes_total", code="1006", by="client") == 1
-    assert value(s, "pgws_websocket_closes_total", code="1003", by="server") == 1
+    assert value(s, "pgws_websockets_closed_total", code="1000", by="client") == 1
+    assert value(s, "pgws_websockets_closed_total", code="1006", by="client") == 1
+    assert value(s, "pgws_websockets_closed_total", code="1003", by="server") == 1
     assert value(s, "pgws_websockets_open", mode="r") == 1
     assert value(s, "pgws_listener_losses_total") == 1
     assert value(s, "pgws_listener_reconnects_total") == 1
     assert value(s, "pgws_listener_up") == 1
     assert stays.closed is None
+
+
+def test_client_close_codes_are_folded_into_a_few_series():
+    relay = MemoryRelay()
+    for code in (1001, 3000, 3999, 4000, 4001, 4999):
+        client = relay.open("/chat/" + token(R))
+        # Autobahn's sendClose takes only 1000 and 3000-4999; a browser sends 1001 on leaving.
+        client.protocol.sendCloseFrame(code=code, isReply=False)
+        relay.flush()
+    s = scrape(relay)
+    closes = {labels: v for (name, labels), v in s.items()
+              if name == "pgws_websockets_closed_total"}
+    assert closes == {(("by", "client"), ("code", "1001")): 1,
+                      (("by", "client"), ("code", "3xxx")): 2,
+                      (("by", "client"), ("code", "4xxx")): 3}
+
+
+def test_messages_in_flight_and_of_closed_sockets_count_until_sent():
+    relay = MemoryRelay()
+    writer = relay.open("/chat/" + token(W))
+    relay.pool.hold = True
+    writer.send("in flight")
+    writer.send("queued")
+    assert value(scrape(relay), "pgws_outbox_messages") == 2
+    writer.close()  # what it sent is still sent
+    assert value(scrape(relay), "pgws_outbox_messages") == 2
+    relay.pool.release()
+    relay.flush()
+    assert value(scrape(relay), "pgws_outbox_messages") == 1
+    relay.pool.release()
+    relay.flush()
+    s = scrape(relay)
+    assert value(s, "pgws_outbox_messages") == 0
+    assert value(s, "pgws_notify_messages_total") == 2
 
 
 def test_database_away_shows_in_the_listener_and_the_outbox():
@@ -166,6 +200,8 @@ def test_token_protects_the_metrics():
     assert body == b"metrics need Authorization: Bearer <metrics-token>\n"
     assert get(relay, extra="Authorization: Bearer wrong\r\n")[0] == 401
     assert get(relay, extra="Authorization: s3cret-scrape\r\n")[0] == 401
+    assert get(relay, extra="Authorization: Basic s3cret-scrape\r\n")[0] == 401
+    assert get(relay, extra="Authorization: bearer s3cret-scrape\r\n")[0] == 200  # RFC 9110
     assert "pgws_websockets_open" in {n for n, _ in scrape(
         relay, "Authorization: Bearer s3cret-scrape\r\n")}
 
