@@ -215,7 +215,6 @@ class TokenVerifier:
             raise Refusal(401, f"JWT algorithm {show_channel(str(alg))} is not accepted; "
                                f"use one of {', '.join(accepted)}")
         claims = self._decode(token, str(alg), usable)
-        _check_values(claims)
         self._check_times(claims)
         self._check_audience_and_issuer(claims)
         return claims
@@ -432,8 +431,12 @@ class Authorizer:
     async def grant(self, requested: str | None, token: str) -> Grant:
         """What a handshake asking for C{requested} with C{token} may do, or a L{Refusal}."""
         claims = await self.verifier.claims(token)
-        return authorize(claims, requested, max_channels=self._max_channels,
-                         meta_channel=self._meta_channel)
+        grant = authorize(claims, requested, max_channels=self._max_channels,
+                          meta_channel=self._meta_channel)
+        # After the rules on mode and channels, so that a channel claim that is no valid name
+        # stays the 403 it always was; the rest of the claims go into every envelope.
+        _check_values(claims)
+        return grant
 
     async def refresh(self, old: Grant, requested: str | None, token: str) -> Grant:
         """
