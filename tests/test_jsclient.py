@@ -3,7 +3,9 @@ pgws.js, the JavaScript client, in a real headless Chromium against `twistd -n p
 journal on: a page of another origin imports it from pgws (CORS), and keeps every message,
 exactly once and in order, while pgws's LISTEN session is killed and pgws itself is restarted
 with messages produced all along (SQL producers, and the page's own sends, queued while it is
-disconnected); and the token callback refreshes before exp and renews after 3001.
+disconnected); and the token callback refreshes before exp and renews after 3001. Shorter
+tests check the client's decisions against an in-process pgws: what ends it and what it retries,
+the gaps it reports, what close() hands back, the URL it opens.
 
 The browser runs in a worker thread (see test_browser); the twistd processes and the database are
 driven from that thread through the reactor (C{from_thread}).
@@ -26,7 +28,10 @@ from test_twistd import Twistd, free_port
 from twisted.internet import reactor
 from twisted.web import server as web_server
 
-from support import SECRET, Db, start_server, token
+from pgws._config import load_config
+from pgws._service import Relay
+from pgws._web import make_site
+from support import SECRET, Db, Server, application_name, start_server, token, wait
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # twisted.web.static warns on import
@@ -69,6 +74,31 @@ def page_site(folder: Path, pgws_port: int, options: dict[str, Any]) -> int:
 
 async def _listen(folder: Path) -> Any:
     return reactor.listenTCP(0, web_server.Site(static.File(str(folder))), interface="127.0.0.1")  # type: ignore[arg-type]
+
+
+async def serve_on(db_uri: str, port: int) -> Server:
+    """An in-process pgws (no journal) on a fixed port: stopped and started again, the page
+    reconnects to it (C{start_server} takes a free port each time)."""
+    config = load_config(None, {}, {"db-uri": db_uri, "jwt-secret": SECRET, "server-port": port,
+                                    "application-name": application_name()})
+    relay = Relay(config, reactor=reactor)
+    relay.startService()
+    await wait(relay.whenReady())
+    listening = reactor.listenTCP(port, make_site(relay.resource()), interface="127.0.0.1")  # type: ignore[arg-type]
+    return Server(relay, port, listening, config.application_name)
+
+
+def open_page(browser: Any, folder: Path, pgws_port: int, options: dict[str, Any],
+              mint: Any = None) -> tuple[Any, PageWatch]:
+    """A page with the client connecting with C{options}; C{mint(reason)} is its token callback."""
+    page = browser.new_page()
+    watch = PageWatch(page)
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    if mint is not None:
+        page.expose_function("mint", mint)
+    page.goto(f"http://127.0.0.1:{page_site(folder, pgws_port, options)}/")
+    page.wait_for_function("window.conn !== undefined")
+    return page, watch
 
 
 def start_twistd(folder: Path, db_uri: str, schema: str, port: int) -> Twistd:
@@ -305,6 +335,236 @@ async def test_close_hands_back_what_was_queued(db_uri, tmp_path):
         assert page.evaluate("window.conn.close()") == ["x"]
         assert page.evaluate("window.conn.state") == "closed"
         assert events(page, "close")[-1]["reconnect"] is False
+
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_before_the_socket_closed_refuses_sends_and_its_queue_is_the_last_events(
+        db_uri, tmp_path):
+    pgws = await start_server(db_uri)
+
+    def session(browser: Any) -> None:
+        # Waiting to reconnect (nothing listens there): close() ends at once.
+        options = {"url": f"ws://127.0.0.1:{free_port()}", "token": token({"mode": "rw"}),
+                   "minDelay": 60_000}
+        page, watch = open_page(browser, tmp_path / "waiting", pgws.port, options)
+        wait_for(page, "window.conn.state === 'waiting'")
+        assert page.evaluate("[window.conn.send('x'), window.conn.send('y')]") == [False, False]
+        assert page.evaluate("window.conn.close()") == ["x", "y"]
+        last = events(page, "close")[-1]
+        assert (last["reconnect"], last["unsent"], last["why"]) == (
+            False, ["x", "y"], "closed by the application")
+        # An open socket: close() starts the closing handshake; a send meanwhile is refused.
+        options = {"channel": CHANNEL, "token": token({"mode": "rw"})}
+        page, watch = open_page(browser, tmp_path / "open", pgws.port, options)
+        wait_for(page, "window.conn.state === 'open'")
+        result = page.evaluate("""() => {
+            const unsent = window.conn.close();
+            let sent;
+            try { sent = window.conn.send("z"); } catch (e) { sent = e.message; }
+            return { unsent, sent, state: window.conn.state };
+        }""")
+        assert result == {"unsent": [], "sent": "pgws: the connection is closing; not sent",
+                          "state": "open"}
+        wait_for(page, "window.conn.state === 'closed'")
+        last = events(page, "close")[-1]
+        assert (last["reconnect"], last["unsent"], last["code"]) == (False, [], 1000)
+        watch.check()
+
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_callback_that_throws_is_a_failed_attempt_retried_with_back_off(
+        db_uri, tmp_path):
+    pgws = await start_server(db_uri)
+    asked: list[str] = []
+
+    def failing_twice(reason: str) -> str:  # e.g. the app's token endpoint is down for a while
+        asked.append(reason)
+        if len(asked) <= 2:
+            raise RuntimeError("token endpoint unreachable")
+        return token({"mode": "rw"})
+
+    def session(browser: Any) -> None:
+        options = {"channel": CHANNEL, "token": "callback", "minDelay": 50}
+        page, watch = open_page(browser, tmp_path / "recovers", pgws.port, options, failing_twice)
+        wait_for(page, "window.conn.state === 'open'")
+        assert asked == ["connect"] * 3
+        closes = events(page, "close")
+        assert [(c["reconnect"], c["opened"]) for c in closes] == [(True, False)] * 2
+        assert [e["kind"] for e in events(page, "error")] == ["token", "token"]
+        assert "token endpoint unreachable" in events(page, "error")[0]["message"]
+        watch.check()
+
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_callback_failing_in_an_outage_counts_toward_max_failed_opens(
+        db_uri, tmp_path):
+    pgws = await start_server(db_uri)
+    nobody = free_port()
+    asked: list[str] = []
+
+    def mint(reason: str) -> str:
+        asked.append(reason)
+        if reason == "connect":
+            return token({"mode": "rw"})
+        raise RuntimeError("token endpoint unreachable")
+
+    def session(browser: Any) -> None:
+        # The server is down (handshakes fail) and so is the token endpoint (the callback,
+        # asked after two failed handshakes, fails): four attempts in all, then the end.
+        options = {"url": f"ws://127.0.0.1:{nobody}", "channel": CHANNEL, "token": "callback",
+                   "minDelay": 50, "maxFailedOpens": 4}
+        page, watch = open_page(browser, tmp_path / "page", pgws.port, options, mint)
+        wait_for(page, "window.conn.state === 'closed'")
+        assert asked == ["connect", "failed-opens", "failed-opens"]
+        closes = events(page, "close")
+        assert [c["reconnect"] for c in closes] == [True, True, True, False]
+        assert closes[-1]["why"] == ("4 attempts in a row failed (2 opening handshakes, "
+                                     "2 token callback calls)")
+        errors = events(page, "error")
+        assert [e["kind"] for e in errors] == ["token", "token", "connect"]
+        assert errors[-1]["message"].startswith("giving up: 4 attempts in a row failed")
+        watch.check()
+
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_callback_that_returns_no_jwt_ends_the_client_at_once(db_uri, tmp_path):
+    pgws = await start_server(db_uri)
+    asked: list[str] = []
+
+    def mint(reason: str) -> str:
+        asked.append(reason)
+        return ""
+
+    def session(browser: Any) -> None:
+        options = {"channel": CHANNEL, "token": "callback", "minDelay": 50}
+        page, watch = open_page(browser, tmp_path / "page", pgws.port, options, mint)
+        wait_for(page, "window.conn.state === 'closed'")
+        assert asked == ["connect"]
+        closes = events(page, "close")
+        assert [(c["reconnect"], c["why"]) for c in closes] == [
+            (False, "the token callback gave no JWT")]
+        errors = events(page, "error")
+        assert [e["kind"] for e in errors] == ["token"]
+        assert "must return a non-empty string" in errors[0]["message"]
+        watch.check()
+
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fixed_token_already_expired_fails_at_once(db_uri, tmp_path):
+    pgws = await start_server(db_uri)
+    opened: list[str] = []
+
+    def session(browser: Any) -> None:
+        options = {"channel": CHANNEL, "token": token({"mode": "rw", "exp": int(time.time()) - 5}),
+                   "minDelay": 50}
+        page = browser.new_page()
+        page.on("websocket", lambda ws: opened.append(ws.url))
+        page.goto(f"http://127.0.0.1:{page_site(tmp_path / 'page', pgws.port, options)}/")
+        wait_for(page, "window.conn !== undefined && window.conn.state === 'closed'")
+        assert opened == []  # no handshake pgws would refuse (401) again and again
+        closes = events(page, "close")
+        assert [(c["reconnect"], c["why"]) for c in closes] == [
+            (False, "the token expired and no callback renews it")]
+        errors = events(page, "error")
+        assert [e["kind"] for e in errors] == ["token"]
+        assert "expired" in errors[0]["message"]
+
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_refused_to_the_end_is_an_error_event(db_uri, tmp_path):
+    pgws = await start_server(db_uri)
+
+    def session(browser: Any) -> None:
+        # pgws refuses (403) a channel the token does not allow, at every attempt.
+        options = {"channel": CHANNEL, "token": token({"mode": "rw", "channels": ["elsewhere"]}),
+                   "minDelay": 50, "maxFailedOpens": 2}
+        page, _ = open_page(browser, tmp_path / "page", pgws.port, options)
+        wait_for(page, "window.conn.state === 'closed'")
+        closes = events(page, "close")
+        assert [c["reconnect"] for c in closes] == [True, False]
+        assert closes[-1]["why"] == "2 opening handshakes in a row failed"
+        errors = events(page, "error")
+        assert [e["kind"] for e in errors] == ["connect"]
+        assert errors[0]["message"].startswith("giving up: 2 opening handshakes in a row failed")
+
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconnect_is_a_gap_for_plain_channels(db_uri, tmp_path):
+    port = free_port()
+    pgws = await serve_on(db_uri, port)
+    servers = [pgws]
+
+    def session(browser: Any) -> None:
+        options = {"channel": CHANNEL, "token": token({"mode": "rw"}), "minDelay": 50}
+        page, watch = open_page(browser, tmp_path / "page", port, options)
+        wait_for(page, "window.conn.state === 'open'")
+        from_thread(servers.pop().stop)  # pgws stops (1001) and starts again
+        wait_for(page, "window.events.some(e => e[0] === 'close' && e[1].code === 1001)")
+        assert events(page, "gap") == []
+        servers.append(from_thread(lambda: serve_on(db_uri, port)))
+        wait_for(page, "window.events.filter(e => e[0] === 'open').length === 2")
+        assert events(page, "gap") == [{"source": "disconnected", "channels": [CHANNEL]}]
+        kinds = [kind for kind, _ in page.evaluate("window.events") if kind in ("open", "gap")]
+        assert kinds == ["open", "open", "gap"]
+        watch.check()
+
+    try:
+        await in_browser(session)
+    finally:
+        for s in servers:
+            await s.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_url_options_query_is_kept(db_uri, tmp_path):
+    pgws = await start_server(db_uri)
+    opened: list[str] = []
+
+    def session(browser: Any) -> None:
+        options = {"url": f"ws://127.0.0.1:{pgws.port}/?app=1&x=a%20b", "channel": CHANNEL,
+                   "token": token({"mode": "rw"}), "history": 3}
+        page = browser.new_page()
+        watch = PageWatch(page)
+        page.on("websocket", lambda ws: opened.append(ws.url))
+        page.goto(f"http://127.0.0.1:{page_site(tmp_path / 'page', pgws.port, options)}/")
+        wait_for(page, "window.conn !== undefined && window.conn.state === 'open'")
+        assert opened == [f"ws://127.0.0.1:{pgws.port}/{CHANNEL}?app=1&x=a%20b&history=3"]
+        watch.check()
 
     try:
         await in_browser(session)

@@ -17,9 +17,13 @@
 //   has already delivered: each one reaches the application once, in order.
 // - It reconnects with exponential back-off and jitter, except after close(), after the codes
 //   in NO_RECONNECT, after 3001 (expired) when no token callback can give a fresh token, and
-//   after too many opening handshakes in a row that failed.
+//   after too many attempts in a row that failed (an opening handshake, or the token callback
+//   throwing). A fixed token whose exp is past, or a callback that returns no JWT, ends it at once.
 // - A token callback is asked for a new token before `exp` (sent as {"refresh": "<jwt>"},
-//   answered by {"refreshed": ...}), and for a fresh one before reconnecting after 3001.
+//   answered by {"refreshed": ...}), for a fresh one before reconnecting after 3001, and after
+//   two failed opening handshakes in a row (a browser cannot see why a handshake failed).
+// - Plain (not journaled) channels lose what was sent while the client was away: each reconnect
+//   emits a "gap" with source "disconnected" for them.
 // - send() while not open queues the text (bounded by maxQueue, flushed in order at the next
 //   open); past the bound it throws; what the queue still holds when the connection ends for
 //   good is handed back (close() returns it, the last "close" event carries it). Nothing is
@@ -47,7 +51,7 @@ const DEFAULTS = {
   minDelay: 500,         // ms: first reconnect delay (before jitter)
   maxDelay: 30000,       // ms: the longest reconnect delay
   stableAfter: 5000,     // ms open after which the back-off starts again from minDelay
-  maxFailedOpens: 10,    // opening handshakes in a row that fail before giving up (Infinity: never)
+  maxFailedOpens: 10,    // attempts in a row that fail before giving up (Infinity: never)
   maxQueue: 1000,        // texts send() may queue while not open
   refreshMargin: 30,     // s before exp to ask for a new token (at most half the token's life)
 };
@@ -107,16 +111,19 @@ export class Connection {
     }
     this._ws = null;
     this._state = "connecting";
-    this._closing = false;
+    this._closing = false;    // close() was called, or the client ends for good (_end)
+    this._why = null;         // why it ends, for the last close event
+    this._unsent = [];        // what close() took from the queue (and returned)
     this._first = true;
     this._step = 0;          // back-off step
-    this._failedOpens = 0;   // opening handshakes in a row that failed
+    this._failedOpens = 0;   // attempts in a row that failed (handshakes, token callback)
+    this._failedAsks = 0;    // how many of those were the token callback throwing
     this._opens = 0;
     this._timers = {};
     this._asked = new Map();  // channel -> [seq, epoch] this socket asked to resume after
     this._pending = null;     // the {"channel","seq"} frame announcing the next text frame
     this._newToken = null;    // a refresh sent, not answered yet
-    this._renew = "connect";  // why the token callback is asked next: connect, expired, refused
+    this._renew = "connect";  // why the callback is asked next: connect, expired, failed-opens
     this._timer("open", 0, () => this._open());
   }
 
@@ -150,12 +157,13 @@ export class Connection {
 
   /**
    * Sends a text message. Returns true when it went to the open socket, false when it was queued
-   * for the next open. Throws a PgwsError when the connection is closed for good, or when
-   * maxQueue texts already wait.
+   * for the next open. Throws a PgwsError when the connection is closed for good (or closing:
+   * close() was called), or when maxQueue texts already wait.
    */
   send(text) {
     if (typeof text !== "string") throw new TypeError("pgws: send() takes a string");
     if (this._state === "closed") throw new PgwsError("the connection is closed; not sent");
+    if (this._closing) throw new PgwsError("the connection is closing; not sent");
     const ws = this._ws;
     if (this._state === "open" && ws && ws.readyState === WebSocket.OPEN) {
       ws.send(text);
@@ -169,18 +177,36 @@ export class Connection {
     return false;
   }
 
-  /** Closes for good; returns the queued texts that were never sent. */
+  /**
+   * Closes for good; returns the queued texts that were never sent (the last "close" event
+   * carries the same as its unsent).
+   */
   close(code = 1000, reason = "closed by the application") {
-    if (this._state === "closed") return [];
-    this._closing = true;
+    if (this._state === "closed" || this._closing) return [];
     const unsent = this._queue.splice(0);
+    this._unsent = unsent.slice();
+    this._end("closed by the application", code, reason, true);
+    return unsent;
+  }
+
+  // Ends for good: closes the socket if there is one (the last close event follows), else at once.
+  _end(why, code = 1000, reason = why, clean = false) {
+    this._closing = true;
+    this._why = why;
+    this._clear("open", "refresh", "stable");
     const ws = this._ws;
     if (ws) {
       try { ws.close(code, reason); } catch (e) { ws.close(); }
     } else {
-      this._finish({ code, reason, wasClean: true, opened: false, unsentBytes: 0 });
+      this._finish({ code: clean ? code : 1006, reason, wasClean: clean, opened: false,
+        unsentBytes: 0, why });
     }
-    return unsent;
+  }
+
+  // A mistake that retrying would only repeat: an "error" event, then the end.
+  _fatal(kind, message, why) {
+    this._error(kind, message);
+    this._end(why);
   }
 
   // -- events -----------------------------------------------------------------------------------
@@ -217,17 +243,28 @@ export class Connection {
     if (this._closing) return;
     this._state = "connecting";
     const exp = this._token === null ? null : expOf(this._token);
+    if (!this._source && exp !== null && exp <= Date.now() / 1000) {
+      // By this browser's clock; pgws would refuse it (401) at every attempt.
+      this._fatal("token", "the token expired (its exp, " + exp + ", is past) and no token " +
+        "callback renews it", "the token expired and no callback renews it");
+      return;
+    }
     if (this._source && (this._token === null || (exp !== null && exp - Date.now() / 1000 < 1))) {
-      try {
-        this._token = await this._ask(this._token !== null ? "expired" : this._renew);
-      } catch (e) {
-        if (this._closing) return;
-        this._error("token", "the token callback failed: " + e.message, { error: e });
-        this._finish({ code: 1006, reason: "no token", wasClean: false, opened: false,
-          unsentBytes: 0, why: "the token callback failed" });
+      const asked = await this._ask(this._token !== null ? "expired" : this._renew);
+      if (this._closing) return;  // close() was called meanwhile, and has finished
+      if (asked.failed) {  // threw or rejected (e.g. the token endpoint is down): a failed attempt
+        this._error("token", "the token callback failed: " + asked.message, { error: asked.error });
+        this._failedOpens += 1;
+        this._failedAsks += 1;
+        this._retry({ code: 1006, reason: "the token callback failed", wasClean: false,
+          opened: false, unsentBytes: 0 });
         return;
       }
-      if (this._closing) return;  // close() was called meanwhile, and has finished
+      if (asked.bad) {
+        this._fatal("token", asked.message, "the token callback gave no JWT");
+        return;
+      }
+      this._token = asked.token;
     }
     let ws;
     try {
@@ -246,10 +283,21 @@ export class Connection {
     ws.onerror = () => {};  // a close event follows, with the code
   }
 
+  // Asks the token callback: {token}, {failed, error, message} when it threw or rejected, or
+  // {bad, message} when it gave something that is not a non-empty string (a programming error).
   async _ask(reason) {
-    const token = await this._source({ reason });
-    if (typeof token !== "string" || !token) throw new PgwsError("the token callback gave no JWT");
-    return token;
+    let token;
+    try {
+      token = await this._source({ reason });
+    } catch (e) {
+      return { failed: true, error: e, message: e instanceof Error ? e.message : String(e) };
+    }
+    if (typeof token !== "string" || !token) {
+      return { bad: true, message: "the token callback gave no JWT (" +
+        (typeof token === "string" ? "an empty string" : typeof token) + "); it must return " +
+        "a non-empty string, or throw or reject when it cannot" };
+    }
+    return { token };
   }
 
   _url() {
@@ -265,7 +313,7 @@ export class Connection {
       resume[channel] = [s.position, s.epoch];
       this._asked.set(channel, [s.position, s.epoch]);
     }
-    const query = [];
+    const query = url.search.length > 1 ? [url.search.slice(1)] : [];  // the url option's own
     if (this._asked.size) query.push("resume=" + encodeURIComponent(JSON.stringify(resume)));
     if (this._first && this._o.history > 0) query.push("history=" + Math.floor(this._o.history));
     url.search = query.length ? "?" + query.join("&") : "";
@@ -277,6 +325,7 @@ export class Connection {
     this._state = "open";
     this._first = false;
     this._failedOpens = 0;
+    this._failedAsks = 0;
     this._opens += 1;
     this._timer("stable", this._o.stableAfter, () => { this._step = 0; });
     if (ws.protocol !== SUBPROTOCOL) {
@@ -284,9 +333,30 @@ export class Connection {
         "control messages are unavailable)");
     }
     this._emit("open", { reconnected: this._opens > 1, protocol: ws.protocol });
+    if (this._opens > 1) {
+      // Plain NOTIFYs sent while the client was away reached no one (journaled channels resume).
+      const channels = this._channels();
+      const plain = channels === null ? null : channels.filter((c) => !this._streams.has(c));
+      if (plain === null || plain.length) {
+        this._emit("gap", { source: "disconnected", channels: plain });
+      }
+    }
     // What was queued goes first, in order, before anything sent from now on.
     while (this._queue.length && ws.readyState === WebSocket.OPEN) ws.send(this._queue.shift());
     this._scheduleRefresh();
+  }
+
+  // The socket's channels, as pgws chooses them (README "Tokens"): the token's channel claim, else
+  // the channel option, else the token's channels claim; null when unknown.
+  _channels() {
+    const claims = claimsOf(this._token || "");
+    if (typeof claims.channel === "string") return [claims.channel];
+    if (this._o.channel) return [this._o.channel];
+    const list = claims.channels;
+    if (Array.isArray(list) && list.length && list.every((c) => typeof c === "string")) {
+      return [...new Set(list)];
+    }
+    return null;
   }
 
   // -- receiving --------------------------------------------------------------------------------
@@ -368,14 +438,18 @@ export class Connection {
 
   async _refresh() {
     const ws = this._ws;
-    let token;
-    try {
-      token = await this._ask("refresh");
-    } catch (e) {
+    const asked = await this._ask("refresh");
+    if (this._closing) return;
+    if (asked.failed) {
       // The socket closes with 3001 at exp; the callback is asked again before reconnecting.
-      this._error("refresh", "the token callback failed: " + e.message, { error: e });
+      this._error("refresh", "the token callback failed: " + asked.message, { error: asked.error });
       return;
     }
+    if (asked.bad) {
+      this._fatal("token", asked.message, "the token callback gave no JWT");
+      return;
+    }
+    const token = asked.token;
     if (ws !== this._ws || !ws || ws.readyState !== WebSocket.OPEN) {
       this._token = token;  // for the next open
       return;
@@ -418,32 +492,47 @@ export class Connection {
     if (!opened) this._failedOpens += 1;
     if (SERVER_TROUBLE.has(ev.code)) this._error("closed", ev.reason || "closed " + ev.code, info);
     let why = null;  // why not to reconnect
-    if (this._closing) why = "closed by the application";
+    if (this._closing) why = this._why;
     else if (NO_RECONNECT.has(ev.code) || (ev.code >= 4000 && ev.code <= 4999)) why = "close code";
     else if (ev.code === EXPIRED && !this._source) why = "the token expired and no callback renews it";
-    else if (this._failedOpens >= this._o.maxFailedOpens) {
-      why = this._failedOpens + " opening handshakes in a row failed";
-    }
     if (why !== null) {
       this._finish(Object.assign(info, { why }));
       return;
     }
-    let delay;
     if (ev.code === EXPIRED) {
       this._token = null;  // the callback gives a fresh one first
       this._renew = "expired";
-      delay = 0;
-    } else {
-      // A handshake refused twice may be the token's fault (the browser cannot see the 401):
-      // a callback is asked for a fresh one.
-      if (this._source && this._failedOpens >= 2) {
-        this._token = null;
-        this._renew = "refused";
-      }
-      const full = Math.min(this._o.maxDelay, this._o.minDelay * Math.pow(2, this._step));
-      this._step += 1;
-      delay = Math.round(full / 2 + Math.random() * full / 2);  // "equal jitter"
+      this._reconnect(info, 0);
+      return;
     }
+    // A handshake that failed twice may be the token's fault (the browser cannot see a 401 or
+    // 403, nor tell them from a server that is down): a callback is asked for a fresh one.
+    if (this._source && this._failedOpens >= 2) {
+      this._token = null;
+      this._renew = "failed-opens";
+    }
+    this._retry(info);
+  }
+
+  // After a failed attempt (or a close): gives up after maxFailedOpens in a row, else backs off.
+  _retry(info) {
+    if (this._failedOpens >= this._o.maxFailedOpens) {
+      const n = this._failedOpens;
+      const asks = this._failedAsks;
+      const why = asks === 0 ? n + " opening handshakes in a row failed"
+        : n + " attempts in a row failed (" + (n - asks) + " opening handshakes, " + asks +
+          " token callback calls)";
+      this._error("connect", "giving up: " + why + "; the server may be down or unreachable, " +
+        "or refuse the token or the channel (a browser cannot tell which)", { attempts: this._failedOpens });
+      this._finish(Object.assign(info, { why }));
+      return;
+    }
+    const full = Math.min(this._o.maxDelay, this._o.minDelay * Math.pow(2, this._step));
+    this._step += 1;
+    this._reconnect(info, Math.round(full / 2 + Math.random() * full / 2));  // "equal jitter"
+  }
+
+  _reconnect(info, delay) {
     this._state = "waiting";
     this._emit("close", Object.assign(info, { reconnect: true, delay }));
     this._timer("open", delay, () => this._open());
@@ -453,7 +542,8 @@ export class Connection {
     this._state = "closed";
     this._ws = null;
     this._clear("open", "refresh", "stable");
-    const unsent = this._queue.splice(0);
+    const unsent = this._unsent.concat(this._queue.splice(0));
+    this._unsent = [];
     this._emit("close", Object.assign(info, { reconnect: false, unsent }));
   }
 }
