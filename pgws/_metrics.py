@@ -284,6 +284,7 @@ class Metrics:
 
 
 class _MetricsResource(GetOnlyResource):
+    """C{/metrics}: the registry's exposition, behind the optional bearer token."""
 
     def __init__(self, metrics: Metrics, token: str | None) -> None:
         super().__init__()
