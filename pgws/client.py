@@ -326,7 +326,8 @@ class Client:
         try:
             while True:
                 if self._closing:  # close() during a back-off sleep (or before the first attempt)
-                    end = Disconnected(None, _CLOSED_BY_APP, None)
+                    end = Disconnected(None, _CLOSED_BY_APP if self._error is None
+                                       else str(self._error), None)
                     break
                 code, reason, status = await self._attempt()
                 end = self._final(code, reason, status)
@@ -414,6 +415,16 @@ class Client:
             raise _NotAToken(f"the token callback returned {_kind_of(token)}, not a JWT "
                              "(a non-empty str)")
         return token
+
+    def _end_with(self, error: ClientError) -> None:
+        """Stop for C{error}, from outside the runner: it ends its attempt or its back-off."""
+        self._stop(error)
+        if self._wake is not None:
+            self._wake.set()
+        if self._socket is not None:
+            self._socket.sendClose(1000)
+        elif self._connecting is not None:
+            self._connecting.dropConnection(abort=True)
 
     async def _sleep(self, seconds: float) -> None:
         assert self._wake is not None
@@ -527,9 +538,7 @@ class Client:
         try:
             token = await self._fresh_token()
         except _NotAToken as e:  # a programming error: the client ends
-            self._stop(e)
-            if self._socket is socket:
-                socket.sendClose(1000)
+            self._end_with(e)
             return
         except Exception as e:
             self._event(RefreshFailed(f"the token callback failed: {e!r}"))

@@ -571,6 +571,34 @@ def test_a_token_callback_that_returns_no_token_at_a_refresh_ends_the_client(fak
     assert events[1].retry_in is None  # type: ignore[attr-defined]
 
 
+def test_no_token_at_a_refresh_that_outlives_its_socket_ends_the_client_in_its_backoff(fake_pgws):
+    events: list[object] = []
+    calls: list[str] = []
+
+    async def tokens() -> str | None:
+        calls.append("t")
+        if len(calls) == 1:
+            return token(mode="r", exp=time.time() + 0.2)  # refreshed at 0.1 s, 3001 at 0.2 s
+        while not any(isinstance(e, Disconnected) for e in events):
+            await asyncio.sleep(0.01)
+        return None  # the runner now waits out a long back-off
+
+    async def scenario() -> None:
+        client = connect("ws://127.0.0.1:9", token=tokens, channel="c",  # type: ignore[arg-type]
+                         backoff=Backoff(60, 60), on_event=events.append)
+        await client.open()
+        with pytest.raises(ClientError, match="returned NoneType, not a JWT"):
+            async for _ in client:
+                pass
+        assert client._runner is not None
+        await asyncio.wait({client._runner})
+
+    run(scenario())
+    assert [(type(e).__name__, getattr(e, "retry_in", 0) is None) for e in events] == [
+        ("Connected", False), ("Disconnected", False), ("Disconnected", True)]
+    assert "not a JWT" in events[2].reason  # type: ignore[attr-defined]
+
+
 def test_a_token_callback_that_raises_is_a_failed_attempt_retried_after_the_backoff(fake_pgws):
     results: list[object] = [ZeroDivisionError("no"), ZeroDivisionError("no"), token(mode="r")]
     events: list[object] = []
