@@ -115,10 +115,14 @@ class ClientError(Exception):
 
 
 class Refused(ClientError):
-    """The server refused the handshake for a reason another attempt would not change."""
+    """
+    The server refused the handshake for a reason another attempt would not change (C{reason}
+    is pgws's one-line answer; C{hint}, when the client can tell, what to do about it).
+    """
 
-    def __init__(self, status: int | None, reason: str) -> None:
-        super().__init__(f"refused: {status} {reason}" if status else f"refused: {reason}")
+    def __init__(self, status: int | None, reason: str, hint: str | None = None) -> None:
+        message = f"refused: {status} {reason}" if status else f"refused: {reason}"
+        super().__init__(f"{message} ({hint})" if hint else message)
         self.status = status
         self.reason = reason
 

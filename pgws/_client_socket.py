@@ -6,11 +6,19 @@ Autobahn only puts in a log line.
 Importing this module makes txaio (Autobahn's framework switch) use asyncio for the whole
 process: L{pgws.client} imports it only when it connects, and a process that already runs
 Autobahn on Twisted (the pgws server) cannot load it.
+
+Autobahn logs through the standard C{logging} (txaio's asyncio flavour), under C{autobahn.*}, and
+warns of every refused handshake ("dropping connection to peer ...: upgrade failed [401]").  In a
+process that configured no logging, Python's last-resort handler would print each warning to
+stderr: a library's loggers get a C{NullHandler}, so that they are quiet unless the application
+configures logging (then the lines reach its handlers as before).  The client tells the
+application of a refusal itself (L{pgws.client.Disconnected}, L{pgws.client.Refused}).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl as ssl_module
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -21,6 +29,8 @@ from autobahn.websocket.util import parse_url
 from pgws._client_wire import redact
 
 __all__ = ["Sink", "open_socket"]
+
+logging.getLogger("autobahn").addHandler(logging.NullHandler())
 
 
 class Sink(Protocol):

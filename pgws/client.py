@@ -136,6 +136,17 @@ class _Unusable(ClientError):
     """This process cannot run the client at all."""
 
 
+class _NotAToken(ClientError):
+    """The token callback returned something that is not a token: a programming error."""
+
+
+def _kind_of(value: object) -> str:
+    return "an empty str" if value == "" else type(value).__name__
+
+
+_CLOSED_BY_APP = "closed by the application"
+
+
 class _End:
     """The end of the items: iteration stops, or raises the error that stopped the client."""
 
@@ -192,16 +203,25 @@ class Client:
     async def open(self) -> Client:
         """
         Start, and return once the first socket is open.  Attempts that fail for a reason that
-        may pass (server down, 503) are retried; a final refusal raises (L{Refused},
-        L{ClientClosed}).
+        may pass (server down, 503, a token callback that raised) are retried, with no limit; a
+        final refusal raises (L{Refused}, L{ClientClosed}), and so does a token callback that
+        returns something else than a non-empty C{str} (L{ClientError}).  Cancelling it (e.g.
+        C{asyncio.wait_for(c.open(), 10)}) stops the client, as L{close} does.
         """
         if self._runner is None:
             loop = asyncio.get_running_loop()
             self._first_open = loop.create_future()
             self._wake = asyncio.Event()
             self._runner = loop.create_task(self._run())
-        assert self._first_open is not None
-        await asyncio.shield(self._first_open)
+        assert self._first_open is not None and self._runner is not None
+        try:
+            await asyncio.shield(self._first_open)
+        except asyncio.CancelledError:
+            # Cancelled (e.g. by asyncio.wait_for): the caller never gets this client, so no one
+            # would close it; stop it here, at once, and let the cancellation go on.
+            self._abort()
+            await asyncio.wait({self._runner})
+            raise
         return self
 
     async def close(self) -> list[str]:
@@ -218,13 +238,25 @@ class Client:
         elif self._connecting is not None:  # in its opening handshake: nothing to say goodbye to
             self._connecting.dropConnection(abort=True)
         if self._runner is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            await asyncio.wait({self._runner})  # (a cancellation of close() itself goes on)
         for task in list(self._tasks):
             task.cancel()
         unsent = list(self._outgoing)
         self._outgoing.clear()
         return unsent
+
+    def _abort(self) -> None:
+        """Stop now, without waiting for anything: the runner is cancelled wherever it waits."""
+        self._closing = True
+        socket, connecting = self._socket, self._connecting
+        if socket is not None:
+            socket.sendClose(1000)
+        elif connecting is not None:
+            connecting.dropConnection(abort=True)
+        if self._runner is not None:
+            self._runner.cancel()
+        for task in list(self._tasks):
+            task.cancel()
 
     async def __aenter__(self) -> Client:
         return await self.open()
@@ -241,9 +273,12 @@ class Client:
         written in order as soon as a socket opens; with C{max_queued} already waiting,
         L{QueueFull} is raised and the message is not queued.  Once the client has stopped:
         L{ClientClosed}.  A read-only token (mode C{r}): L{ClientError}, since pgws would drop it.
-        A message written to a socket that then breaks may or may not have reached pgws: a
-        WebSocket has no acknowledgement (for what must not be lost, write to the database).
+        Not a C{str}: C{TypeError}, and nothing is queued.  A message written to a socket that
+        then breaks may or may not have reached pgws: a WebSocket has no acknowledgement (for
+        what must not be lost, write to the database).
         """
+        if not isinstance(text, str):
+            raise TypeError(f"send() takes a str, not {type(text).__name__}: pgws relays text")
         if self._closing or self._error is not None:
             raise self._error or ClientClosed(None, "the client is closed")
         if self.read_only:
@@ -286,38 +321,68 @@ class Client:
     # -- the connection loop -------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # The last event: Disconnected with retry_in None, once the client has stopped.
+        end: Disconnected | None = None
         try:
-            while not self._closing:
-                code, reason, status = await self._attempt()
-                if self._closing:
+            while True:
+                if self._closing:  # close() during a back-off sleep (or before the first attempt)
+                    end = Disconnected(None, _CLOSED_BY_APP if self._error is None
+                                       else str(self._error), None)
                     break
-                if (status is not None and final_refusal(status)) or (
-                        status is None and final_close(code, not isinstance(self._token_source, str))):
-                    self._stop(Refused(status, reason) if status is not None
-                               else ClientClosed(code, reason))
-                    self._event(Disconnected(code, reason, None, status))
+                code, reason, status = await self._attempt()
+                end = self._final(code, reason, status)
+                if end is not None:
                     break
                 if time.monotonic() - self._opened_at >= self._backoff.stable and self._opened_at:
                     self._backoff.reset()
                 delay = self._backoff.next()
                 self._event(Disconnected(code, reason, delay, status))
                 await self._sleep(delay)
-        except _Unusable as e:
+        except (_NotAToken, _Unusable) as e:
             self._stop(e)
+            end = Disconnected(None, str(e), None) if isinstance(e, _NotAToken) else None
+        except asyncio.CancelledError:  # a cancelled open() (L{_abort})
+            end = Disconnected(None, _CLOSED_BY_APP, None)
+            raise
         except Exception as e:  # a bug here must end the client loudly, not hang it
             _log.exception("pgws client stopped by an error")
             self._stop(ClientError(f"the client failed: {e!r}"))
         finally:
             if self._error is None:
                 self._stop(None)
+            if end is not None:
+                self._event(end)
+
+    def _final(self, code: int | None, reason: str, status: int | None) -> Disconnected | None:
+        """The last event if this close ends the client (then stopped), else None."""
+        if self._closing:  # close(), or a token callback that gave no token (L{_refresh})
+            return Disconnected(code, reason if self._error is None else str(self._error),
+                                None, status)
+        if status is not None and final_refusal(status):
+            self._stop(self._refused(status, reason))
+        elif status is None and final_close(code, not isinstance(self._token_source, str)):
+            self._stop(ClientClosed(code, reason))
+        else:
+            return None
+        return Disconnected(code, reason, None, status)
+
+    def _refused(self, status: int, reason: str) -> Refused:
+        if status == 401 and reason == "JWT expired" and not isinstance(self._token_source, str):
+            # After a 3001 the callback was asked for this token: it gave an expired one again.
+            return Refused(status, reason, "the token callback returned an expired token: it "
+                           "must return a valid one, not a cached one that has expired")
+        return Refused(status, reason)
 
     async def _attempt(self) -> tuple[int | None, str, int | None]:
         """One connection, from its token to its close: (code, reason, HTTP status)."""
         self._opened_at = 0.0
         try:
             token = await self._fresh_token()
-        except Exception as e:
+        except _NotAToken:
+            raise  # a programming error: the client ends (L{_run})
+        except Exception as e:  # a failed attempt, retried after the back-off like the others
             return None, f"the token callback failed: {e!r}", None
+        self._token = token
         facts = token_facts(token, self.channel)
         if self._positions is None:
             # A write-only socket reads nothing: no channel of it can have a gap.
@@ -347,9 +412,19 @@ class Client:
         value = source()
         token = await value if inspect.isawaitable(value) else value
         if not isinstance(token, str) or not token:
-            raise ClientError(f"the token callback returned {type(token).__name__}, not a JWT")
-        self._token = token
+            raise _NotAToken(f"the token callback returned {_kind_of(token)}, not a JWT "
+                             "(a non-empty str)")
         return token
+
+    def _end_with(self, error: ClientError) -> None:
+        """Stop for C{error}, from outside the runner: it ends its attempt or its back-off."""
+        self._stop(error)
+        if self._wake is not None:
+            self._wake.set()
+        if self._socket is not None:
+            self._socket.sendClose(1000)
+        elif self._connecting is not None:
+            self._connecting.dropConnection(abort=True)
 
     async def _sleep(self, seconds: float) -> None:
         assert self._wake is not None
@@ -459,13 +534,17 @@ class Client:
         """Ask for a new token in place; a refusal leaves the old one to expire (3001, reconnect)."""
         if socket is None:
             return
+        before = token_facts(self._token).exp if self._token is not None else None
         try:
             token = await self._fresh_token()
+        except _NotAToken as e:  # a programming error: the client ends
+            self._end_with(e)
+            return
         except Exception as e:
             self._event(RefreshFailed(f"the token callback failed: {e!r}"))
             return
         if self._socket is not socket:
-            return  # closed meanwhile: the next connection uses the fresh token
+            return  # closed meanwhile: the next connection asks the callback again
         answer = self._refresh_answer = asyncio.get_running_loop().create_future()
         socket.sendMessage(refresh_request(token), isBinary=True)
         try:
@@ -473,9 +552,17 @@ class Client:
         except asyncio.CancelledError:
             return  # the socket closed before the answer
         if reply.get("refreshed") is True:
+            self._token = token
             exp = reply.get("exp")
             self._event(Refreshed(float(exp) if isinstance(exp, (int, float)) else None))
-            if self._socket is socket:
+            after = token_facts(token).exp
+            if after is not None and before is not None and after <= before:
+                # A cached token, say: asking again before it expires would only get it again,
+                # sooner and sooner.  At its exp comes a 3001, and the reconnect asks again.
+                self._event(RefreshFailed(
+                    "the token callback gave a token that expires no later than the last one; "
+                    "not asking again before it expires"))
+            elif self._socket is socket:
                 self._schedule_refresh()
         else:
             self._event(RefreshFailed(str(reply.get("reason", "refused"))))

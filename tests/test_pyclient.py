@@ -377,6 +377,9 @@ async def test_a_refused_handshake_ends_the_client_with_the_servers_reason(db_ur
         assert (failed["error"], failed["status"]) == ("Refused", 403)
         assert "other" in failed["message"]
         assert len(client.of("token")) == 1  # no second attempt
+        # The driver configured no logging: Autobahn's warning of the refusal is not printed.
+        await client.until(lambda: client.ended, "the client process ends")
+        assert "upgrade failed" not in client.stderr and "dropping connection" not in client.stderr
     finally:
         await client.stop()
         await server.stop()

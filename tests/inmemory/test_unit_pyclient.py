@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
 import pytest
 
+import pgws.client
 from pgws import _credentials
 from pgws._client_journal import Positions
 from pgws._client_policy import Backoff, final_close, final_refusal, refresh_delay
@@ -29,7 +32,20 @@ from pgws._client_wire import (
     token_facts,
 )
 from pgws._journal import parse_resume
-from pgws.client import ClientClosed, ClientError, Gap, Message, QueueFull, Stream, connect
+from pgws.client import (
+    ClientClosed,
+    ClientError,
+    Connected,
+    Disconnected,
+    Gap,
+    Message,
+    QueueFull,
+    Refreshed,
+    RefreshFailed,
+    Refused,
+    Stream,
+    connect,
+)
 
 SECRET = "reallyreallyreallyreallyverysafe"
 
@@ -331,3 +347,319 @@ def test_a_client_in_a_process_that_runs_autobahn_on_twisted_says_so():
 
     with pytest.raises(ClientError, match="runs Autobahn on Twisted"):
         asyncio.run(scenario())
+
+
+# -- the connection loop, on sockets of a fake pgws (no Autobahn: this process may run Twisted's) ---
+
+
+class FakeSocket:
+    """An accepted socket of L{FakePgws}: closes with 3001 at its token's exp, answers refreshes."""
+
+    STATE_OPEN = 3
+
+    def __init__(self, server: FakePgws, sink: Any, url: str, jwt_text: str) -> None:
+        self.server, self.sink, self.state = server, sink, self.STATE_OPEN
+        self.factory = type("Factory", (), {"url": url})()
+        self.sent: list[bytes] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expire_at(jwt_text)
+
+    def _expire_at(self, jwt_text: str) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        exp = token_facts(jwt_text).exp
+        if exp is not None:
+            self._expiry = asyncio.get_running_loop().call_later(
+                max(0.0, exp - time.time()), self._close, 3001, "JWT expired")
+
+    def _close(self, code: int | None, reason: str) -> None:
+        if self.state == self.STATE_OPEN:
+            self.state = 0
+            if self._expiry is not None:
+                self._expiry.cancel()
+            asyncio.get_running_loop().call_soon(self.sink.closed, code, reason, None)
+
+    def sendMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.sent.append(payload)
+        if isBinary and "refresh" in json.loads(payload):
+            new = json.loads(payload)["refresh"]
+            self._expire_at(new)
+            reply = {"refreshed": True, "exp": token_facts(new).exp}
+            asyncio.get_running_loop().call_soon(
+                self.sink.received, json.dumps(reply).encode(), True)
+
+    def sendClose(self, code: int) -> None:
+        self._close(code, "")
+
+    def dropConnection(self, abort: bool) -> None:
+        self._close(1006, "")
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class FakePgws:
+    """
+    What pgws does with a handshake, for L{pgws.client}'s loop: C{down} refuses the TCP
+    connection; else a token past its exp is refused (401 JWT expired) and the others open.
+    """
+
+    def __init__(self, down: bool = False) -> None:
+        self.down = down
+        self.sockets: list[FakeSocket] = []
+
+    async def open_socket(self, url: str, protocols: list[str], sink: Any, **_: Any) -> FakeSocket:
+        if self.down:
+            raise ConnectionRefusedError(111, "Connection refused")
+        jwt_text = protocols[1].removeprefix(BEARER_PREFIX)
+        socket = FakeSocket(self, sink, url, jwt_text)
+        exp = token_facts(jwt_text).exp
+        loop = asyncio.get_running_loop()
+        if exp is not None and exp <= time.time():
+            socket.state = 0
+            loop.call_soon(sink.closed, None, "JWT expired", 401)
+        else:
+            self.sockets.append(socket)
+            loop.call_soon(sink.opened, socket)
+        return socket
+
+
+@pytest.fixture
+def fake_pgws(monkeypatch: pytest.MonkeyPatch) -> FakePgws:
+    server = FakePgws()
+    monkeypatch.setattr(pgws.client, "_socket_opener", lambda: server.open_socket)
+    return server
+
+
+def run(scenario: Any) -> Any:
+    """C{asyncio.run}, bounded: a client that never stops is a failure, not a hung suite."""
+    return asyncio.run(asyncio.wait_for(scenario, 10))
+
+
+def quick() -> Backoff:
+    return Backoff(0.01, 0.02)
+
+
+def test_a_cancelled_open_stops_the_client_and_the_cancellation_goes_on(fake_pgws):
+    fake_pgws.down = True
+    calls: list[str] = []
+    events: list[object] = []
+
+    def tokens() -> str:
+        calls.append("t")
+        return token(mode="r")
+
+    async def scenario() -> tuple[pgws.client.Client, int]:
+        client = connect("ws://127.0.0.1:9", token=tokens, channel="c", backoff=quick(),
+                         on_event=events.append)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.open(), 0.2)
+        asked = len(calls)
+        assert client._runner is not None and client._runner.done()
+        for _ in range(20):  # the loop turns: nothing more happens
+            await asyncio.sleep(0)
+        assert len(calls) == asked
+        assert await client.close() == []
+        return client, asked
+
+    client, asked = run(scenario())
+    assert asked >= 2
+    assert events[-1] == Disconnected(None, "closed by the application", None)
+    assert [e for e in events if isinstance(e, Disconnected) and e.retry_in is None] == [events[-1]]
+    with pytest.raises(ClientClosed):
+        asyncio.run(client.send("x"))
+
+
+def test_async_with_under_wait_for_stops_the_client_too(fake_pgws):
+    fake_pgws.down = True
+
+    async def scenario() -> None:
+        client = connect("ws://127.0.0.1:9", token=lambda: token(mode="r"), backoff=quick())
+
+        async def use() -> None:
+            async with client:
+                pass
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(use(), 0.1)
+        assert client._runner is not None and client._runner.done()
+
+    run(scenario())
+
+
+def test_a_cached_token_is_refreshed_once_then_the_reconnect_says_it_is_expired(fake_pgws):
+    cached = token(mode="r", exp=time.time() + 0.6)  # refreshed half-way: at 0.3 s
+    calls: list[str] = []
+    events: list[object] = []
+
+    def tokens() -> str:
+        calls.append("t")
+        return cached
+
+    async def scenario() -> None:
+        client = connect("ws://127.0.0.1:9", token=tokens, channel="c", backoff=quick(),
+                         on_event=events.append)
+        await client.open()
+        with pytest.raises(Refused) as refused:
+            async for _ in client:
+                pass
+        assert (refused.value.status, refused.value.reason) == (401, "JWT expired")
+        assert "the token callback returned an expired token" in str(refused.value)
+
+    run(scenario())
+    # Asked to connect, once to refresh, and once more after the 3001: no storm.
+    assert len(calls) == 3
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["Connected", "Refreshed", "RefreshFailed", "Disconnected", "Disconnected"]
+    assert "no later than the last one" in events[2].reason  # type: ignore[attr-defined]
+    assert (events[3].code, events[4].status, events[4].retry_in) == (  # type: ignore[attr-defined]
+        3001, 401, None)
+
+
+def test_a_later_token_is_refreshed_again(fake_pgws):
+    events: list[object] = []
+    ttl = iter([0.4, 0.6, 60.0])
+
+    async def scenario() -> None:
+        client = connect("ws://127.0.0.1:9", token=lambda: token(mode="r", exp=time.time() + next(ttl)),
+                         channel="c", on_event=events.append)
+        await client.open()
+        while sum(isinstance(e, Refreshed) for e in events) < 2:
+            await asyncio.sleep(0.01)
+        await client.close()
+
+    run(scenario())
+    assert not any(isinstance(e, RefreshFailed) for e in events)
+
+
+@pytest.mark.parametrize("value", [None, "", b"jwt", 17])
+def test_a_token_callback_that_returns_no_token_ends_the_client(fake_pgws, value):
+    calls: list[object] = []
+    events: list[object] = []
+
+    def tokens() -> object:
+        calls.append(value)
+        return value
+
+    async def scenario() -> None:
+        client = connect("ws://127.0.0.1:9", token=tokens, backoff=quick(),  # type: ignore[arg-type]
+                         on_event=events.append)
+        with pytest.raises(ClientError, match=r"returned .*, not a JWT \(a non-empty str\)"):
+            await client.open()
+
+    run(scenario())
+    assert len(calls) == 1
+    [end] = events
+    assert isinstance(end, Disconnected) and end.retry_in is None and "not a JWT" in end.reason
+
+
+def test_a_token_callback_that_returns_no_token_at_a_refresh_ends_the_client(fake_pgws):
+    answers: Any = iter([token(mode="r", exp=time.time() + 0.2), None])
+    events: list[object] = []
+
+    async def scenario() -> None:
+        client = connect("ws://127.0.0.1:9", token=lambda: next(answers), channel="c",
+                         on_event=events.append)
+        await client.open()
+        with pytest.raises(ClientError, match="returned NoneType, not a JWT"):
+            async for _ in client:
+                pass
+
+    run(scenario())
+    assert [type(e).__name__ for e in events] == ["Connected", "Disconnected"]
+    assert events[1].retry_in is None  # type: ignore[attr-defined]
+
+
+def test_no_token_at_a_refresh_that_outlives_its_socket_ends_the_client_in_its_backoff(fake_pgws):
+    events: list[object] = []
+    calls: list[str] = []
+
+    async def tokens() -> str | None:
+        calls.append("t")
+        if len(calls) == 1:
+            return token(mode="r", exp=time.time() + 0.2)  # refreshed at 0.1 s, 3001 at 0.2 s
+        while not any(isinstance(e, Disconnected) for e in events):
+            await asyncio.sleep(0.01)
+        return None  # the runner now waits out a long back-off
+
+    async def scenario() -> None:
+        client = connect("ws://127.0.0.1:9", token=tokens, channel="c",  # type: ignore[arg-type]
+                         backoff=Backoff(60, 60), on_event=events.append)
+        await client.open()
+        with pytest.raises(ClientError, match="returned NoneType, not a JWT"):
+            async for _ in client:
+                pass
+        assert client._runner is not None
+        await asyncio.wait({client._runner})
+
+    run(scenario())
+    assert [(type(e).__name__, getattr(e, "retry_in", 0) is None) for e in events] == [
+        ("Connected", False), ("Disconnected", False), ("Disconnected", True)]
+    assert "not a JWT" in events[2].reason  # type: ignore[attr-defined]
+
+
+def test_a_token_callback_that_raises_is_a_failed_attempt_retried_after_the_backoff(fake_pgws):
+    results: list[object] = [ZeroDivisionError("no"), ZeroDivisionError("no"), token(mode="r")]
+    events: list[object] = []
+
+    def tokens() -> str:
+        result = results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return str(result)
+
+    async def scenario() -> None:
+        client = connect("ws://127.0.0.1:9", token=tokens, channel="c", backoff=quick(),
+                         on_event=events.append)
+        await client.open()
+        await client.close()
+
+    run(scenario())
+    failed = [e for e in events if isinstance(e, Disconnected) and e.retry_in is not None]
+    assert [e.reason for e in failed] == ["the token callback failed: ZeroDivisionError('no')"] * 2
+    assert isinstance(events[2], Connected)
+
+
+def test_close_tells_the_client_stopped(fake_pgws):
+    events: list[object] = []
+
+    async def scenario() -> None:
+        async with connect("ws://127.0.0.1:9", token=token(mode="r"), channel="c",
+                           on_event=events.append):
+            pass
+
+    run(scenario())
+    assert [type(e).__name__ for e in events] == ["Connected", "Disconnected"]
+    assert (events[1].code, events[1].retry_in) == (1000, None)  # type: ignore[attr-defined]
+
+
+def test_close_during_the_backoff_tells_the_client_stopped(fake_pgws):
+    fake_pgws.down = True
+    events: list[object] = []
+
+    async def scenario() -> None:
+        client = connect("ws://127.0.0.1:9", token=token(mode="r"), channel="c",
+                         backoff=Backoff(60, 60), on_event=events.append)
+        opening = asyncio.ensure_future(client.open())
+        while not events:
+            await asyncio.sleep(0.01)
+        await client.close()
+        with pytest.raises(ClientClosed):
+            await opening
+
+    run(scenario())
+    assert [(type(e).__name__, e.retry_in is None) for e in events] == [  # type: ignore[attr-defined]
+        ("Disconnected", False), ("Disconnected", True)]
+    assert events[1] == Disconnected(None, "closed by the application", None)
+
+
+@pytest.mark.parametrize("value", [b"x", None, 17, ["x"]])
+def test_send_takes_only_text(value):
+    async def scenario() -> list[str]:
+        client = connect("ws://127.0.0.1:9", token=token(mode="w"))
+        with pytest.raises(TypeError, match="send\\(\\) takes a str"):
+            await client.send(value)
+        return await client.close()
+
+    assert run(scenario()) == []
