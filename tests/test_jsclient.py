@@ -17,6 +17,7 @@ import json
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,14 @@ def expected(rows: list[tuple[int, str]]) -> list[list[Any]]:
             payload = envelope["payload"]
         out.append([seq, payload])
     return out
+
+
+async def browse(pgws: Server, session: Callable[[Any], None]) -> None:
+    """Run C{session} in Chromium, then stop C{pgws} whatever happened."""
+    try:
+        await in_browser(session)
+    finally:
+        await pgws.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -315,10 +324,7 @@ async def test_sends_while_disconnected_are_queued_bounded_and_handed_back(db_ur
             "pgws: the connection is closed; not sent")
         watch.check()
 
-    try:
-        await in_browser(session)
-    finally:
-        await pgws.stop()
+    await browse(pgws, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -336,10 +342,7 @@ async def test_close_hands_back_what_was_queued(db_uri, tmp_path):
         assert page.evaluate("window.conn.state") == "closed"
         assert events(page, "close")[-1]["reconnect"] is False
 
-    try:
-        await in_browser(session)
-    finally:
-        await pgws.stop()
+    await browse(pgws, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -375,10 +378,7 @@ async def test_close_before_the_socket_closed_refuses_sends_and_its_queue_is_the
         assert (last["reconnect"], last["unsent"], last["code"]) == (False, [], 1000)
         watch.check()
 
-    try:
-        await in_browser(session)
-    finally:
-        await pgws.stop()
+    await browse(pgws, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -404,10 +404,7 @@ async def test_a_token_callback_that_throws_is_a_failed_attempt_retried_with_bac
         assert "token endpoint unreachable" in events(page, "error")[0]["message"]
         watch.check()
 
-    try:
-        await in_browser(session)
-    finally:
-        await pgws.stop()
+    await browse(pgws, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -440,10 +437,7 @@ async def test_a_token_callback_failing_in_an_outage_counts_toward_max_failed_op
         assert errors[-1]["message"].startswith("giving up: 4 attempts in a row failed")
         watch.check()
 
-    try:
-        await in_browser(session)
-    finally:
-        await pgws.stop()
+    await browse(pgws, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -468,10 +462,7 @@ async def test_a_token_callback_that_returns_no_jwt_ends_the_client_at_once(db_u
         assert "must return a non-empty string" in errors[0]["message"]
         watch.check()
 
-    try:
-        await in_browser(session)
-    finally:
-        await pgws.stop()
+    await browse(pgws, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -494,10 +485,7 @@ async def test_a_fixed_token_already_expired_fails_at_once(db_uri, tmp_path):
         assert [e["kind"] for e in errors] == ["token"]
         assert "expired" in errors[0]["message"]
 
-    try:
-        await in_browser(session)
-    finally:
-        await pgws.stop()
+    await browse(pgws, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -517,10 +505,7 @@ async def test_a_handshake_refused_to_the_end_is_an_error_event(db_uri, tmp_path
         assert [e["kind"] for e in errors] == ["connect"]
         assert errors[0]["message"].startswith("giving up: 2 opening handshakes in a row failed")
 
-    try:
-        await in_browser(session)
-    finally:
-        await pgws.stop()
+    await browse(pgws, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -566,7 +551,4 @@ async def test_the_url_options_query_is_kept(db_uri, tmp_path):
         assert opened == [f"ws://127.0.0.1:{pgws.port}/{CHANNEL}?app=1&x=a%20b&history=3"]
         watch.check()
 
-    try:
-        await in_browser(session)
-    finally:
-        await pgws.stop()
+    await browse(pgws, session)
