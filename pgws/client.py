@@ -232,11 +232,7 @@ class Client:
         self._closing = True
         if self._wake is not None:
             self._wake.set()
-        socket = self._socket
-        if socket is not None:
-            socket.sendClose(1000)
-        elif self._connecting is not None:  # in its opening handshake: nothing to say goodbye to
-            self._connecting.dropConnection(abort=True)
+        self._hang_up()
         if self._runner is not None:
             await asyncio.wait({self._runner})  # (a cancellation of close() itself goes on)
         for task in list(self._tasks):
@@ -248,15 +244,18 @@ class Client:
     def _abort(self) -> None:
         """Stop now, without waiting for anything: the runner is cancelled wherever it waits."""
         self._closing = True
-        socket, connecting = self._socket, self._connecting
-        if socket is not None:
-            socket.sendClose(1000)
-        elif connecting is not None:
-            connecting.dropConnection(abort=True)
+        self._hang_up()
         if self._runner is not None:
             self._runner.cancel()
         for task in list(self._tasks):
             task.cancel()
+
+    def _hang_up(self) -> None:
+        """Close the open socket (1000), or drop one still in its opening handshake."""
+        if self._socket is not None:
+            self._socket.sendClose(1000)
+        elif self._connecting is not None:  # nothing to say goodbye to yet
+            self._connecting.dropConnection(abort=True)
 
     async def __aenter__(self) -> Client:
         return await self.open()
@@ -421,10 +420,7 @@ class Client:
         self._stop(error)
         if self._wake is not None:
             self._wake.set()
-        if self._socket is not None:
-            self._socket.sendClose(1000)
-        elif self._connecting is not None:
-            self._connecting.dropConnection(abort=True)
+        self._hang_up()
 
     async def _sleep(self, seconds: float) -> None:
         assert self._wake is not None
