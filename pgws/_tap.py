@@ -295,22 +295,20 @@ class _Reloading(service.Service):
         self._reactor.callWhenRunning(signal.signal, signal.SIGHUP, reload)
 
     def reload(self) -> None:
+        logs, louder = self._top.logs, None
         try:
             config = self._options.reread()
-        except ConfigError as e:
-            _log.error("Configuration not reloaded, nothing changed: {why}", why=str(e))
-            return
-        logs, wanted = self._top.logs, (config.log_format, config.log_level)
-        before = logs.settings if logs is not None else wanted
-        # What the reload says is said under the more verbose of the two levels, to be seen.
-        louder = LogLevel.levelWithName(wanted[1]) <= LogLevel.levelWithName(before[1])
-        if logs is not None and before != wanted and louder:
-            logs.apply(*wanted)
-        try:
+            wanted = (config.log_format, config.log_level)
+            before = logs.settings if logs is not None else wanted
+            if logs is not None and before != wanted and \
+                    LogLevel.levelWithName(wanted[1]) <= LogLevel.levelWithName(before[1]):
+                # What the reload says is said under the more verbose of the two levels.
+                louder = before
+                logs.apply(*wanted)
             self._relay.reload(config)
         except ConfigError as e:
-            if logs is not None:
-                logs.apply(*before)
+            if logs is not None and louder is not None:
+                logs.apply(*louder)  # the reload was refused: the level it had
             _log.error("Configuration not reloaded, nothing changed: {why}", why=str(e))
             return
         if logs is None or before == wanted:
