@@ -131,12 +131,13 @@ class RelayResource(resource.Resource):
                  health: Health | None = None, metrics: resource.Resource | None = None) -> None:
         super().__init__()
         self._websocket = _MountedWebSocketResource(factory)
-        self._health: dict[bytes, resource.Resource] = {}
+        # pgws's own paths, each a single segment, ahead of server-root's files.
+        self._own: dict[bytes, resource.Resource] = {SCRIPT_NAME: ClientScript()}
         if health is not None:
-            self._health = {b"livez": _Live(), b"readyz": _Ready(health)}
+            self._own.update({b"livez": _Live(), b"readyz": _Ready(health)})
+        if metrics is not None:
+            self._own[b"metrics"] = metrics
         self._static: resource.Resource | None = _StaticFiles(static_root) if static_root else None
-        self._script = ClientScript()
-        self._metrics = metrics
 
     def getChildWithDefault(self, name: bytes, request: server.Request) -> resource.Resource:
         if _is_websocket(request):
@@ -144,12 +145,8 @@ class RelayResource(resource.Resource):
             assert request.postpath is not None and request.prepath is not None
             request.postpath.insert(0, request.prepath.pop())
             return self._websocket  # type: ignore[return-value]  # Autobahn's is an IResource
-        if name in self._health and not request.postpath:
-            return self._health[name]
-        if name == SCRIPT_NAME and not request.postpath:
-            return self._script
-        if name == b"metrics" and not request.postpath and self._metrics is not None:
-            return self._metrics
+        if name in self._own and not request.postpath:
+            return self._own[name]
         if self._static is None:
             return _NOT_FOUND
         child: resource.Resource = self._static.getChildWithDefault(name, request)
